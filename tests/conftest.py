@@ -1,0 +1,60 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+
+def _require_tool(name: str) -> str:
+    """Path of an external program; skip the test without it, except in CI, where it must be there."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"external program {name!r} is not on PATH"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: CI must install it")
+    pytest.skip(f"{reason} (install it, e.g. dicom3tools or dcmtk, to run this test)")
+
+
+@pytest.fixture
+def require_tool() -> Callable[[str], str]:
+    """``require_tool("dciodvfy")`` gives the program's path, or skips (fails when CI is set)."""
+    return _require_tool
+
+
+LIDC_DIR_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc"
+
+
+def _missing_data(reason: str) -> NoReturn:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: CI must provide it")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lidc_dir() -> Path:
+    """The LIDC-IDRI sample cases: $CAD_NODE_LIDC_DIR, else shared/data/lidc beside the repository.
+    Skips without them (fails when CI is set)."""
+    path = Path(os.environ.get("CAD_NODE_LIDC_DIR", LIDC_DIR_DEFAULT))
+    if not path.is_dir():
+        _missing_data(f"LIDC data not found at {path} (set CAD_NODE_LIDC_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lidc_series_dir(lidc_dir: Path) -> Callable[[str], Path]:
+    """``lidc_series_dir("LIDC-IDRI-0001")``: the case's series folder (DICOM slices and reader XML)."""
+
+    def find(case: str) -> Path:
+        xmls = sorted((lidc_dir / case).rglob("*.xml"))
+        if not xmls:
+            _missing_data(f"no annotated series of {case} under {lidc_dir}")
+        return xmls[0].parent
+
+    return find
