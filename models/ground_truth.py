@@ -55,11 +55,14 @@ class NoduleTruth:
 
 @dataclass(frozen=True)
 class IgnoreMark:
-    """A real reader's mark in a background scan that is not a target: neither hit nor false positive."""
+    """A real reader's mark in a background scan that is not a target: neither hit nor false positive.
+    ``diameter_mm`` is 0 for a mark without a measured size (a point mark); ``reader_id`` names the
+    reader who made the mark, when known."""
 
     centre_mm: tuple[float, float, float]
     kind: str
     diameter_mm: float
+    reader_id: str | None = None
 
 
 def measure_nodule(

@@ -5,7 +5,9 @@ outlined nodules (3 mm or more, contours on several slices), small nodules (unde
 and non-nodules (one point). On a loaded series each mark gets a centre in patient millimetres
 (LPS ``xyz``) and, when outlined, a mask on the CT voxel grid (``kji``). Marks of different readers
 whose centres lie within 10 mm are grouped; a group with at least one outline is a nodule with a
-50 % consensus mask. ``LidcCase.targets`` and ``LidcCase.ignore_marks`` follow LUNA16.
+50 % consensus mask. ``LidcCase.targets`` and ``LidcCase.ignore_marks`` follow LUNA16. Masks and
+sizes are those of ``models.measurements`` (long and short axis on the axial slice of largest area,
+volume), so LIDC truth compares with the pipeline's findings.
 
 Contour pixels. LIDC readers were told to draw each outline just outside the nodule, so that the
 drawn pixels do not cover nodule pixels. By default (``include_edge=False``) a mask is therefore the
@@ -17,7 +19,6 @@ larger, "outline included" reading used by some tools). Either way an exclusion 
 from __future__ import annotations
 
 import itertools
-import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from scipy.spatial.distance import pdist
 
+from models.ground_truth import IgnoreMark
+from models.measurements import BoxMask, axial_diameters, volume_mm3
 from models.series_loading import load_series
 from models.volume import Volume
 
@@ -229,49 +231,6 @@ def _required_float(element: ET.Element, name: str, tags: _Tags, mark_id: str) -
 # Masks
 
 
-@dataclass(frozen=True, eq=False)
-class BoxMask:
-    """A boolean mask stored as its bounding box: ``array`` placed at ``offset`` (k, j, i) of the grid."""
-
-    offset: tuple[int, int, int]
-    array: BoolArray
-
-    @property
-    def voxel_count(self) -> int:
-        return int(np.count_nonzero(self.array))
-
-    def voxel_indices(self) -> IntArray:
-        """(n, 3) grid indices (k, j, i) of the voxels in the mask."""
-        return np.argwhere(self.array).astype(np.int64) + np.asarray(self.offset, dtype=np.int64)
-
-    def slice_indices(self) -> tuple[int, ...]:
-        filled = np.flatnonzero(self.array.any(axis=(1, 2)))
-        return tuple(int(k) + self.offset[0] for k in filled)
-
-    def in_frame(self, offset: Sequence[int], shape: Sequence[int]) -> BoolArray:
-        """This mask on the box of the given offset and shape (which must contain it)."""
-        out = np.zeros(tuple(shape), dtype=bool)
-        start = np.asarray(self.offset) - np.asarray(offset)
-        if np.any(start < 0) or np.any(start + self.array.shape > np.asarray(shape)):
-            raise ValueError(f"box at {offset} of shape {tuple(shape)} does not contain this mask")
-        region = tuple(slice(int(s), int(s) + n) for s, n in zip(start, self.array.shape, strict=True))
-        out[region] = self.array
-        return out
-
-    def paste(self, shape: Sequence[int]) -> BoolArray:
-        """The full-size mask on a grid of the given shape."""
-        return self.in_frame((0, 0, 0), shape)
-
-    def cropped(self) -> BoxMask:
-        if not self.array.any():
-            return BoxMask(self.offset, np.zeros((0, 0, 0), dtype=bool))
-        nonzero = np.argwhere(self.array)
-        low, high = nonzero.min(axis=0), nonzero.max(axis=0) + 1
-        region = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
-        offset = tuple(int(o + a) for o, a in zip(self.offset, low, strict=True))
-        return BoxMask(offset, self.array[region].copy())  # type: ignore[arg-type]
-
-
 def enclosing_box(masks: Iterable[BoxMask]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Offset and shape of the smallest box holding every non-empty mask."""
     boxes = [(np.asarray(m.offset), np.asarray(m.offset) + m.array.shape) for m in masks if m.voxel_count]
@@ -287,8 +246,11 @@ def consensus_mask(masks: Sequence[BoxMask], fraction: float = CONSENSUS_FRACTIO
     offset, shape = enclosing_box(masks)
     if not masks or 0 in shape:
         return BoxMask(offset, np.zeros((0, 0, 0), dtype=bool))
-    votes = sum((m.in_frame(offset, shape).astype(np.int32) for m in masks if m.voxel_count), np.int32(0))
-    return BoxMask(offset, np.asarray(votes >= fraction * len(masks))).cropped()
+    votes = np.zeros(shape, dtype=np.int32)
+    for mask in (m for m in masks if m.voxel_count):
+        in_box = BoxMask(tuple(int(a - b) for a, b in zip(mask.offset, offset, strict=True)), mask.array)
+        votes[in_box.slices()] += in_box.array
+    return BoxMask.from_full(votes >= fraction * len(masks), offset)
 
 
 def rasterise_contour(
@@ -364,17 +326,34 @@ class SliceLocator:
         return nearest
 
 
+def _mask_size(mask: BoxMask, volume: Volume) -> dict[str, float]:
+    """Long and short axis on the axial slice of largest area, their mean and the volume of a mask, as
+    ``models.measurements`` measures them. An empty mask (contours too thin to have an inside)
+    measures 0."""
+    if not mask.voxel_count:
+        return dict.fromkeys(("long_axis_mm", "short_axis_mm", "mean_diameter_mm", "volume_mm3"), 0.0)
+    axial = axial_diameters(mask, volume.spacing)
+    return {
+        "long_axis_mm": axial.long_axis_mm,
+        "short_axis_mm": axial.short_axis_mm,
+        "mean_diameter_mm": axial.mean_diameter_mm,
+        "volume_mm3": volume_mm3(mask, volume.spacing),
+    }
+
+
 @dataclass(frozen=True, eq=False)
 class PlacedMark:
-    """A reader's mark on the CT grid. Size fields are None for point marks."""
+    """A reader's mark on the CT grid. Point marks have no mask and no size (None); sizes are those of
+    ``_mask_size``."""
 
     reader_id: str
     mark: ReaderMark
     centre_xyz: Array
     mask: BoxMask | None
+    long_axis_mm: float | None = None
+    short_axis_mm: float | None = None
+    mean_diameter_mm: float | None = None
     volume_mm3: float | None = None
-    equivalent_diameter_mm: float | None = None
-    max_diameter_mm: float | None = None
 
     @property
     def kind(self) -> MarkKind:
@@ -395,11 +374,10 @@ def place_mark(
         return PlacedMark(reader_id=reader_id, mark=mark, centre_xyz=centre, mask=None)
     mask = mark_mask(mark, volume, locator, include_edge)
     if mask.voxel_count:
-        centre = volume.index_to_patient(mask.voxel_indices().mean(axis=0))
+        centre = volume.index_to_patient(mask.centroid_kji())
     else:  # every contour too thin to have an inside: fall back to the drawn pixels
         centre = volume.index_to_patient(_contour_indices(mark, locator).mean(axis=0))
-    volume_mm3, equivalent, largest = mask_size(mask, volume)
-    return PlacedMark(reader_id, mark, centre, mask, volume_mm3, equivalent, largest)
+    return PlacedMark(reader_id, mark, centre, mask, **_mask_size(mask, volume))
 
 
 def mark_mask(mark: ReaderMark, volume: Volume, locator: SliceLocator, include_edge: bool = False) -> BoxMask:
@@ -419,7 +397,7 @@ def mark_mask(mark: ReaderMark, volume: Volume, locator: SliceLocator, include_e
                 region |= local
             else:
                 region &= ~local
-    return BoxMask(tuple(int(v) for v in low), box).cropped()  # type: ignore[arg-type]
+    return BoxMask.from_full(box, low)
 
 
 def _contour_indices(mark: ReaderMark, locator: SliceLocator) -> IntArray:
@@ -429,27 +407,6 @@ def _contour_indices(mark: ReaderMark, locator: SliceLocator) -> IntArray:
         for r in mark.rois
     ]
     return np.vstack(per_roi).astype(np.int64)
-
-
-def mask_size(mask: BoxMask, volume: Volume) -> tuple[float, float, float]:
-    """Volume (mm3), equivalent sphere diameter (mm) and largest in-plane diameter (mm) of a mask."""
-    volume_mm3 = mask.voxel_count * volume.voxel_volume_mm3
-    equivalent = (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
-    return volume_mm3, equivalent, largest_in_plane_diameter_mm(mask, volume)
-
-
-def largest_in_plane_diameter_mm(mask: BoxMask, volume: Volume) -> float:
-    if not mask.voxel_count:
-        return 0.0
-    longest = 0.0
-    for dk, plane in enumerate(mask.array):
-        border = plane & ~ndimage.binary_erosion(plane)
-        rows, cols = np.nonzero(border)
-        if rows.size > 1:
-            kji = np.column_stack([np.full(rows.size, dk), rows, cols]) + np.asarray(mask.offset)
-            longest = max(longest, float(pdist(volume.index_to_patient(kji)).max()))
-    # Centre-to-centre distance of the two extreme pixels: add a pixel for their outer halves.
-    return longest + float(np.mean(volume.spacing[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,9 +473,10 @@ class Nodule:
     group: MarkGroup
     consensus: BoxMask
     centre_xyz: Array
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_diameter_mm: float
     volume_mm3: float
-    equivalent_diameter_mm: float
-    max_diameter_mm: float
     hu_at_centre: float
     mean_hu: float
 
@@ -550,34 +508,19 @@ def make_nodule(group: MarkGroup, volume: Volume, fraction: float = CONSENSUS_FR
         raise LidcError("a nodule needs at least one outlined mark")
     consensus = consensus_mask(masks, fraction)
     if consensus.voxel_count:
-        centre = volume.index_to_patient(consensus.voxel_indices().mean(axis=0))
-        k, j, i = consensus.offset
-        nk, nj, ni = consensus.array.shape
-        mean_hu = float(volume.hu[k : k + nk, j : j + nj, i : i + ni][consensus.array].mean())
+        centre = volume.index_to_patient(consensus.centroid_kji())
+        mean_hu = float(volume.hu[consensus.slices()][consensus.array].mean())
     else:
         centre = np.mean([m.centre_xyz for m in group.outlines], axis=0)
         mean_hu = float("nan")
-    volume_mm3, equivalent, largest = mask_size(consensus, volume)
     return Nodule(
         group=group,
         consensus=consensus,
         centre_xyz=centre,
-        volume_mm3=volume_mm3,
-        equivalent_diameter_mm=equivalent,
-        max_diameter_mm=largest,
+        **_mask_size(consensus, volume),
         hu_at_centre=float(volume.hu[volume.nearest_index(centre)]),
         mean_hu=mean_hu,
     )
-
-
-@dataclass(frozen=True)
-class IgnoreMark:
-    """A reader mark that counts neither as a hit nor as a false positive (LUNA16)."""
-
-    kind: MarkKind
-    reader_id: str
-    centre_xyz: tuple[float, float, float]
-    diameter_mm: float | None
 
 
 def select_targets(nodules: Iterable[Nodule], min_readers: int = LUNA16_MIN_READERS) -> tuple[Nodule, ...]:
@@ -588,14 +531,16 @@ def select_targets(nodules: Iterable[Nodule], min_readers: int = LUNA16_MIN_READ
 def select_ignore_marks(
     groups: Iterable[MarkGroup], min_readers: int = LUNA16_MIN_READERS
 ) -> tuple[IgnoreMark, ...]:
-    """Every mark outside the target groups, one entry per reader mark. Marks grouped with a target
-    (a reader's point on an outlined nodule) are left out: the target already covers them."""
+    """Every mark outside the target groups, one entry per reader mark, that counts neither as a hit
+    nor as a false positive (LUNA16). Marks grouped with a target (a reader's point on an outlined
+    nodule) are left out: the target already covers them. ``kind`` is the mark's ``MarkKind``;
+    ``diameter_mm`` is an outline's long axis, 0 for a point mark (not measured)."""
     return tuple(
         IgnoreMark(
+            centre_mm=(float(m.centre_xyz[0]), float(m.centre_xyz[1]), float(m.centre_xyz[2])),
             kind=m.kind,
+            diameter_mm=m.long_axis_mm or 0.0,
             reader_id=m.reader_id,
-            centre_xyz=tuple(float(v) for v in m.centre_xyz),  # type: ignore[arg-type]
-            diameter_mm=m.max_diameter_mm,
         )
         for group in groups
         if len(group.outlines) < min_readers
@@ -626,7 +571,7 @@ class LidcCase:
         out = np.zeros(self.volume.shape, dtype=bool)
         for mark in self.marks:
             if mark.reader_id == reader_id and mark.mask is not None:
-                out |= mark.mask.paste(self.volume.shape)
+                mark.mask.paste_into(out)
         return out
 
     def targets(self, min_readers: int = LUNA16_MIN_READERS) -> tuple[Nodule, ...]:

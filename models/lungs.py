@@ -33,7 +33,7 @@ def segment_lungs(volume: Volume) -> npt.NDArray[np.uint8]:
     large = np.flatnonzero(sizes * coarse_voxel_mm3 >= MIN_LUNG_VOLUME_ML * 1000) + 1
     if large.size == 0:
         raise LungSegmentationError(
-            f"the largest air-filled region inside the body is {sizes.max() * coarse_voxel_mm3 / 1000:.0f} ml,"
+            f"the largest air-filled region in the body is {sizes.max() * coarse_voxel_mm3 / 1000:.0f} ml,"
             f" less than a lung ({MIN_LUNG_VOLUME_ML:.0f} ml)"
         )
     lungs = np.isin(labels, large)
@@ -50,7 +50,12 @@ def _air_inside_body(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     labels, _ = ndimage.label(air, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
     border = np.unique(
         np.concatenate(
-            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+            [
+                labels[:, 0, :].ravel(),
+                labels[:, -1, :].ravel(),
+                labels[:, :, 0].ravel(),
+                labels[:, :, -1].ravel(),
+            ]
         )
     )
     inside = air.copy()
@@ -80,7 +85,9 @@ def _split_sides(lungs: npt.NDArray[np.bool_], volume: Volume) -> npt.NDArray[np
         core = ndimage.binary_erosion(core, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
     # No separation found: split at the body's midline.
     coarse_i = np.arange(lungs.shape[2]) * 2
-    x = volume.index_to_patient(np.stack([np.zeros_like(coarse_i), np.zeros_like(coarse_i), coarse_i], axis=1))[:, 0]
+    x = volume.index_to_patient(
+        np.stack([np.zeros_like(coarse_i), np.zeros_like(coarse_i), coarse_i], axis=1)
+    )[:, 0]
     sides = np.where(x > midline, 2, 1).astype(np.uint8)[None, None, :] * lungs
     return sides.astype(np.uint8)
 

@@ -6,6 +6,7 @@ The same functions measure ground truth and the pipeline's segmentations, so the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from scipy.spatial import ConvexHull, QhullError
 Point = tuple[float, float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BoxMask:
     """A boolean mask kept as its bounding box: `array` placed at `offset` (k, j, i) of a volume grid."""
 
@@ -23,13 +24,16 @@ class BoxMask:
     array: npt.NDArray[np.bool_]
 
     @classmethod
-    def from_full(cls, mask: npt.NDArray[np.bool_]) -> BoxMask:
+    def from_full(cls, mask: npt.NDArray[np.bool_], offset: Sequence[int] = (0, 0, 0)) -> BoxMask:
+        """`mask` cut to its bounding box. `mask` covers the grid from `offset` on (by default, the
+        whole grid); an empty mask gives an empty box at `offset`."""
+        origin = np.asarray(offset, dtype=np.int64)
         nonzero = np.argwhere(mask)
         if nonzero.size == 0:
-            return cls(offset=(0, 0, 0), array=np.zeros((0, 0, 0), dtype=bool))
+            return cls(offset=_kji(origin), array=np.zeros((0, 0, 0), dtype=bool))
         low, high = nonzero.min(axis=0), nonzero.max(axis=0) + 1
         box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
-        return cls(offset=(int(low[0]), int(low[1]), int(low[2])), array=mask[box].copy())
+        return cls(offset=_kji(origin + low), array=np.asarray(mask[box], dtype=bool).copy())
 
     @property
     def voxel_count(self) -> int:
@@ -43,13 +47,19 @@ class BoxMask:
     def paste_into(self, target: npt.NDArray[np.generic], value: object = True) -> None:
         target[self.slices()][self.array] = value
 
-    def full(self, shape: tuple[int, int, int]) -> npt.NDArray[np.bool_]:
+    def full(self, shape: Sequence[int]) -> npt.NDArray[np.bool_]:
+        """The mask on a whole grid of `shape`."""
         mask = np.zeros(shape, dtype=bool)
         self.paste_into(mask)
         return mask
 
     def centroid_kji(self) -> npt.NDArray[np.float64]:
+        """Mean (k, j, i) grid index of the mask's voxels."""
         return np.argwhere(self.array).mean(axis=0) + np.asarray(self.offset)
+
+
+def _kji(values: npt.NDArray[np.int64]) -> tuple[int, int, int]:
+    return int(values[0]), int(values[1]), int(values[2])
 
 
 @dataclass(frozen=True)
@@ -73,14 +83,17 @@ def volume_mm3(mask: BoxMask, spacing: tuple[float, float, float]) -> float:
 
 def axial_diameters(mask: BoxMask, spacing: tuple[float, float, float]) -> AxialDiameters:
     """Long axis: the largest distance across the outline on the slice of largest area. Short axis: the
-    width of the outline perpendicular to it. Pixels count with their full extent (corners)."""
+    width of the outline perpendicular to it. Pixels count with their full extent (corners), so a
+    single pixel's long axis is its diagonal. Of several slices of equal largest area, the first."""
     if mask.voxel_count == 0:
         raise ValueError("an empty mask has no diameters")
     areas = mask.array.sum(axis=(1, 2))
     local_k = int(np.argmax(areas))
     row_mm, column_mm = spacing[1], spacing[2]
     pixels = np.argwhere(mask.array[local_k]).astype(np.float64)
-    corners = (pixels[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])).reshape(-1, 2)
+    corners = (pixels[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])).reshape(
+        -1, 2
+    )
     points = np.unique(corners, axis=0) * np.array([row_mm, column_mm])
     hull = _hull_points(points)
     distances = np.linalg.norm(hull[:, None, :] - hull[None, :, :], axis=-1)

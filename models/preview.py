@@ -29,7 +29,7 @@ TILE_INCHES = 3.2
 class PreviewItem:
     label: str
     centre_kji: tuple[float, float, float]
-    mask: npt.NDArray[np.bool_] | None = None  # full volume shape, or None for a marker only
+    outline: npt.NDArray[np.bool_] | None = None  # the mask on the item's axial slice (rows, columns), or None
     colour: str = "red"
 
 
@@ -70,8 +70,8 @@ def nodule_montage(volume: Volume, items: list[PreviewItem], out_png: Path, *, t
 
 
 def _check_item(volume: Volume, item: PreviewItem) -> None:
-    if item.mask is not None and item.mask.shape != volume.shape:
-        raise ValueError(f"mask of {item.label!r} is {item.mask.shape}, the volume {volume.shape}")
+    if item.outline is not None and item.outline.shape != volume.shape[1:]:
+        raise ValueError(f"outline of {item.label!r} is {item.outline.shape}, a slice {volume.shape[1:]}")
     k, j, i = np.rint(item.centre_kji).astype(int)
     if not all(0 <= a < n for a, n in zip((k, j, i), volume.shape, strict=True)):
         raise ValueError(f"centre of {item.label!r} {item.centre_kji} lies outside the volume {volume.shape}")
@@ -115,7 +115,7 @@ def _draw_context(ax: Axes, volume: Volume, item: PreviewItem, crop: _Crop) -> N
 
 def _draw_item(ax: Axes, volume: Volume, item: PreviewItem, crop: _Crop) -> None:
     _show(ax, volume, volume.hu[crop.k, crop.j0 : crop.j1, crop.i0 : crop.i1])
-    mask_slice = None if item.mask is None else item.mask[crop.k, crop.j0 : crop.j1, crop.i0 : crop.i1]
+    mask_slice = None if item.outline is None else item.outline[crop.j0 : crop.j1, crop.i0 : crop.i1]
     if mask_slice is not None and mask_slice.any():
         ax.contour(mask_slice.astype(np.float32), levels=[0.5], colors=[item.colour], linewidths=1.0)
     else:

@@ -157,7 +157,9 @@ def _common_orientation(
         [_required(h, p, "ImageOrientationPatient") for h, p in zip(headers, paths, strict=True)]
     )
     if orientations.shape[1] != 6:
-        raise SeriesError(f"missing geometry: Image Orientation (Patient) has {orientations.shape[1]} values, not 6")
+        raise SeriesError(
+            f"missing geometry: Image Orientation (Patient) has {orientations.shape[1]} values, not 6"
+        )
     differs = np.abs(orientations - orientations[0]).max(axis=1) > ORIENTATION_TOLERANCE
     if differs.any():
         other = int(np.argmax(differs))
@@ -166,10 +168,14 @@ def _common_orientation(
             f"{paths[other].name} has {orientations[other].round(4).tolist()}"
         )
     row_cosine, column_cosine = orientations[0, :3], orientations[0, 3:]
-    if not (np.isclose(np.linalg.norm(row_cosine), 1, atol=1e-3) and np.isclose(
-        np.linalg.norm(column_cosine), 1, atol=1e-3
-    ) and abs(row_cosine @ column_cosine) < 1e-3):
-        raise SeriesError(f"Image Orientation (Patient) {orientations[0].tolist()} is not two orthonormal vectors")
+    if not (
+        np.isclose(np.linalg.norm(row_cosine), 1, atol=1e-3)
+        and np.isclose(np.linalg.norm(column_cosine), 1, atol=1e-3)
+        and abs(row_cosine @ column_cosine) < 1e-3
+    ):
+        raise SeriesError(
+            f"Image Orientation (Patient) {orientations[0].tolist()} is not two orthonormal vectors"
+        )
     return row_cosine / np.linalg.norm(row_cosine), column_cosine / np.linalg.norm(column_cosine)
 
 
@@ -191,12 +197,17 @@ def _common_frame(headers: list[Dataset], paths: list[Path]) -> tuple[int, int, 
 def _position(header: Dataset, path: Path) -> list[float]:
     position = _required(header, path, "ImagePositionPatient")
     if len(position) != 3:
-        raise SeriesError(f"{path.name}: missing geometry: Image Position (Patient) has {len(position)} values")
+        raise SeriesError(
+            f"{path.name}: missing geometry: Image Position (Patient) has {len(position)} values"
+        )
     return position
 
 
 def _uniform_slice_spacing(
-    positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float64], paths: tuple[Path, ...], tolerance: float
+    positions: npt.NDArray[np.float64],
+    normal: npt.NDArray[np.float64],
+    paths: tuple[Path, ...],
+    tolerance: float,
 ) -> float:
     along = positions @ normal
     steps = np.diff(along)
@@ -218,7 +229,9 @@ def _uniform_slice_spacing(
     return spacing
 
 
-def _check_no_tilt(headers: tuple[Dataset, ...], positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float64]) -> None:
+def _check_no_tilt(
+    headers: tuple[Dataset, ...], positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float64]
+) -> None:
     tilt = float(headers[0].get("GantryDetectorTilt", 0) or 0)
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     in_plane = step - (step @ normal) * normal
@@ -226,7 +239,8 @@ def _check_no_tilt(headers: tuple[Dataset, ...], positions: npt.NDArray[np.float
     if shear > TILT_TOLERANCE_MM:
         angle = float(np.degrees(np.arctan2(shear, step @ normal)))
         raise SeriesError(
-            f"gantry tilt: each slice is shifted {shear:.2f} mm in its own plane (about {angle:.1f} degrees); "
+            f"gantry tilt: each slice is shifted {shear:.2f} mm in its own plane "
+            f"(about {angle:.1f} degrees); "
             "the slices do not stack into a rectilinear volume"
         )
     if abs(tilt) > 0.01:

@@ -19,7 +19,14 @@ from models.lidc import (
     rasterise_contour,
     read_lidc_case,
 )
+from models.measurements import BoxMask
 from models.volume import Volume
+
+
+def _slice_indices(mask: BoxMask) -> tuple[int, ...]:
+    """The grid slices (k) on which a mask has voxels."""
+    return tuple(int(k) + mask.offset[0] for k in np.flatnonzero(mask.array.any(axis=(1, 2))))
+
 
 # ---------------------------------------------------------------------------------------------
 # Rasteriser
@@ -112,13 +119,18 @@ def test_synthetic_parsing(synthetic_case: LidcCase) -> None:
 def test_synthetic_masks_consensus_and_fallback(synthetic_case: LidcCase) -> None:
     (nodule,) = synthetic_case.nodules
     mask_a, mask_b = (nodule.reader_masks[r] for r in ("A", "1"))
-    assert mask_a.slice_indices() == mask_b.slice_indices() == (1, 2)
+    assert _slice_indices(mask_a) == _slice_indices(mask_b) == (1, 2)
     # 9 x 9 inside each square; on slice 2 reader A's exclusion removes the 3 x 3 inside of its hole.
     assert mask_a.voxel_count == 81 + 81 - 9
     assert mask_b.voxel_count == 2 * 81
     # Two readers: "at least half" is the union (B's square covers A's hole).
     assert nodule.consensus.voxel_count == 2 * (9 * 11)
     assert nodule.volume_mm3 == pytest.approx(nodule.consensus.voxel_count * 2.0 * 0.25)
+    # The consensus is 9 rows x 11 columns of 0.5 mm pixels on both slices (4.5 x 5.5 mm, corners
+    # counted): the long axis is the diagonal, the short axis the rectangle's width across it.
+    diagonal = np.hypot(4.5, 5.5)
+    assert nodule.long_axis_mm == pytest.approx(diagonal)
+    assert nodule.short_axis_mm == pytest.approx(2 * 4.5 * 5.5 / diagonal)
     np.testing.assert_allclose(synthetic_case.reader_mask("A").sum(), mask_a.voxel_count)
     # The non-nodule's UID is not in the series: placed by its z position on slice 3.
     non_nodule = next(m for m in synthetic_case.marks if m.kind is MarkKind.NON_NODULE)
@@ -206,7 +218,11 @@ def test_grouping_0001(case_0001: LidcCase) -> None:
     assert sorted(nodule.malignancy) == [4, 5, 5, 5]
     assert 0 < nodule.hu_at_centre < 200  # solid: about 90 HU
     assert nodule.hu_at_centre == pytest.approx(90, abs=60)
-    assert 15 < nodule.equivalent_diameter_mm < nodule.max_diameter_mm < 40
+    # Sizes as models.measurements defines them (axial slice of largest area, pixel corners counted):
+    # long 32.1 mm, short 25.9 mm, 6709 mm3. The equivalent-sphere diameter (23.4 mm) that used to be
+    # checked below the largest in-plane diameter (31.8 mm, any slice) is no longer computed.
+    assert 15 < nodule.short_axis_mm < nodule.mean_diameter_mm < nodule.long_axis_mm < 40
+    assert nodule.volume_mm3 == pytest.approx(6709, abs=1)
     # The three point marks: three small nodules, each marked by the same three readers.
     small = [g for g in case_0001.groups if MarkKind.SMALL in g.kinds]
     assert len(small) == 3
@@ -240,11 +256,11 @@ def test_consensus_lies_on_the_outlined_slices(case_name: str, request: pytest.F
         for z in {roi.z_position for roi in outline.mark.rois if roi.inclusion}
     )
     expected_z = sorted(z for z, n in readers_at_z.items() if 2 * n >= nodule.reader_count)
-    k = np.array(nodule.consensus.slice_indices(), dtype=float)
+    k = np.array(_slice_indices(nodule.consensus), dtype=float)
     consensus_z = case.volume.index_to_patient(np.column_stack([k, 0 * k, 0 * k]))[:, 2]
     np.testing.assert_allclose(consensus_z, expected_z)
-    reader_masks = [m.paste(case.volume.shape) for m in nodule.reader_masks.values()]
-    consensus = nodule.consensus.paste(case.volume.shape)
+    reader_masks = [m.full(case.volume.shape) for m in nodule.reader_masks.values()]
+    consensus = nodule.consensus.full(case.volume.shape)
     assert not np.any(consensus & ~np.logical_or.reduce(reader_masks))
     assert not np.any(np.logical_and.reduce(reader_masks) & ~consensus)
     assert consensus[case.volume.nearest_index(nodule.centre_xyz)]
@@ -266,7 +282,8 @@ def test_targets_and_ignore_marks_0001(case_0001: LidcCase) -> None:
     assert target is case_0001.nodules[0]
     ignore = case_0001.ignore_marks()
     assert Counter(m.kind for m in ignore) == {MarkKind.SMALL: 9, MarkKind.NON_NODULE: 13}
-    assert all(np.linalg.norm(np.subtract(m.centre_xyz, target.centre_xyz)) > 10 for m in ignore)
+    assert all(np.linalg.norm(np.subtract(m.centre_mm, target.centre_xyz)) > 10 for m in ignore)
+    assert all(m.diameter_mm == 0 for m in ignore)  # point marks: no size
     assert case_0001.targets(min_readers=5) == ()
     assert len(case_0001.ignore_marks(min_readers=5)) == len(case_0001.marks)
 
@@ -277,6 +294,9 @@ def test_targets_and_ignore_marks_0002(case_0002: LidcCase) -> None:
     kinds = Counter(m.kind for m in ignore)
     assert kinds == {MarkKind.OUTLINED: 2, MarkKind.SMALL: 26, MarkKind.NON_NODULE: 25}
     outlined = [m for m in ignore if m.kind is MarkKind.OUTLINED]
-    assert all(m.diameter_mm is not None and m.diameter_mm > 20 for m in outlined)
+    # Long axes on the slice of largest area: 27.0 and 25.0 mm (the old largest diameter on any slice
+    # was 29.3 and 30.9 mm).
+    assert all(m.diameter_mm > 20 for m in outlined)
+    assert {m.reader_id for m in outlined} == {"307281171", "-101455218"}
     (target,) = case_0002.targets(min_readers=2)
     assert len(case_0002.ignore_marks(min_readers=2)) == len(case_0002.marks) - len(target.group.marks)

@@ -257,8 +257,8 @@ def _sphere_volume() -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
 def test_nodule_montage_writes_a_png(tmp_path: Path) -> None:
     volume, mask, centre = _sphere_volume()
     items = [
-        PreviewItem(label="#1 solid 10.0 mm", centre_kji=centre, mask=mask, colour="lime"),
-        PreviewItem(label="#2 no mask, near the edge", centre_kji=(5, 150, 3), mask=None, colour="orange"),
+        PreviewItem(label="#1 solid 10.0 mm", centre_kji=centre, outline=mask[round(centre[0])], colour="lime"),
+        PreviewItem(label="#2 no mask, near the edge", centre_kji=(5, 150, 3), outline=None, colour="orange"),
     ]
     out = nodule_montage(volume, items, tmp_path / "montage.png", title="synthetic sphere")
     assert out == tmp_path / "montage.png"
@@ -271,5 +271,5 @@ def test_nodule_montage_checks_its_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         nodule_montage(volume, [], tmp_path / "m.png", title="empty")
     with pytest.raises(ValueError):
-        bad = PreviewItem(label="bad", centre_kji=centre, mask=mask[:-1])
+        bad = PreviewItem(label="bad", centre_kji=centre, outline=mask[0, :-1])
         nodule_montage(volume, [bad], tmp_path / "m.png", title="bad mask")

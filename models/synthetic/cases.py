@@ -20,11 +20,25 @@ from models.lungs import segment_lungs
 from models.measurements import BoxMask
 from models.synthetic.acquisition import Acquisition, add_noise, psf_sigma_mm
 from models.synthetic.anatomy import generate_chest
-from models.synthetic.nodules import LOCATIONS, NODULE_TYPES, NoduleSpec, RenderedNodule, compose, render, sample_spec
+from models.synthetic.nodules import (
+    LOCATIONS,
+    NODULE_TYPES,
+    NoduleSpec,
+    RenderedNodule,
+    compose,
+    render,
+    sample_spec,
+)
 from models.synthetic.placement import Keepout, PlacementContext, PlacementError, place
 from models.volume import Volume
 
-LOBE_NAMES = {1: "right upper lobe", 2: "right middle lobe", 3: "right lower lobe", 4: "left upper lobe", 5: "left lower lobe"}
+LOBE_NAMES = {
+    1: "right upper lobe",
+    2: "right middle lobe",
+    3: "right lower lobe",
+    4: "left upper lobe",
+    5: "left lower lobe",
+}
 REAL_CT_BLUR_MM = 0.5
 REAL_NOISE_SMOOTHING_MM = 1.0
 REAL_LOCATIONS = ("isolated", "juxtapleural", "juxtavascular")
@@ -38,9 +52,13 @@ class Case:
     ignore: list[IgnoreMark]
 
 
-def nodule_specs(rng: np.random.Generator, count: int, locations: Sequence[str] = LOCATIONS) -> list[NoduleSpec]:
+def nodule_specs(
+    rng: np.random.Generator, count: int, locations: Sequence[str] = LOCATIONS
+) -> list[NoduleSpec]:
     """`count` nodules covering the types and locations in turn before repeating any, in a random order."""
-    types = [NODULE_TYPES[i % len(NODULE_TYPES)] for i in rng.permutation(max(count, len(NODULE_TYPES)))][:count]
+    types = [NODULE_TYPES[i % len(NODULE_TYPES)] for i in rng.permutation(max(count, len(NODULE_TYPES)))][
+        :count
+    ]
     places = [locations[i % len(locations)] for i in rng.permutation(max(count, len(locations)))][:count]
     return [sample_spec(rng, nodule_type=t, location=p) for t, p in zip(types, places, strict=True)]
 
@@ -106,7 +124,9 @@ def _place_and_render(
         except PlacementError:
             if spec.diameter_mm <= 6:
                 raise
-            spec = dataclasses.replace(spec, diameter_mm=spec.diameter_mm * 0.7, spicules=(), lobes=spec.lobes)
+            spec = dataclasses.replace(
+                spec, diameter_mm=spec.diameter_mm * 0.7, spicules=(), lobes=spec.lobes
+            )
     else:
         raise PlacementError(f"no room for a {spec.location} nodule in these lungs")
     if placement.rotation is not None:
@@ -128,9 +148,11 @@ def _truth(
     box = rendered.slices()
     lung = lungs[box] > 0
     body = _largest_component(rendered.body_mask & ndimage.binary_dilation(lung, iterations=1))
-    mask = _boxed(body, rendered.offset)
-    core = None if rendered.core_mask is None else _boxed(rendered.core_mask & body, rendered.offset)
-    lung_label = int(np.bincount(lungs[box][body].ravel(), minlength=6)[1:].argmax()) + 1 if lung[body].any() else 0
+    mask = BoxMask.from_full(body, rendered.offset)
+    core = None if rendered.core_mask is None else BoxMask.from_full(rendered.core_mask & body, rendered.offset)
+    lung_label = (
+        int(np.bincount(lungs[box][body].ravel(), minlength=6)[1:].argmax()) + 1 if lung[body].any() else 0
+    )
     if lobe_names:
         side = "right" if lung_label in (1, 2, 3) else "left"
         lobe = LOBE_NAMES.get(lung_label)
@@ -159,6 +181,3 @@ def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return labels == int(np.argmax(sizes)) + 1
 
 
-def _boxed(mask: npt.NDArray[np.bool_], offset: tuple[int, int, int]) -> BoxMask:
-    local = BoxMask.from_full(mask)
-    return BoxMask(offset=tuple(a + b for a, b in zip(local.offset, offset, strict=True)), array=local.array)  # type: ignore[arg-type]

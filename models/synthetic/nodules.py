@@ -62,7 +62,9 @@ class NoduleSpec:
         if self.location not in LOCATIONS:
             raise ValueError(f"location {self.location!r} is not one of {LOCATIONS}")
         if not MIN_DIAMETER_MM <= self.diameter_mm <= MAX_DIAMETER_MM:
-            raise ValueError(f"diameter {self.diameter_mm} mm is outside {MIN_DIAMETER_MM} to {MAX_DIAMETER_MM} mm")
+            raise ValueError(
+                f"diameter {self.diameter_mm} mm is outside {MIN_DIAMETER_MM} to {MAX_DIAMETER_MM} mm"
+            )
 
     @property
     def radius_mm(self) -> float:
@@ -199,19 +201,23 @@ def render(
     if np.any(high <= low):
         raise ValueError(f"nodule centre {centre_mm.tolist()} mm lies outside the volume")
     steps = np.maximum(np.ceil(np.asarray(grid.spacing) / SUBSAMPLE_MM).astype(int), 1)
-    axes = [
-        (np.arange(lo * s, hi * s) + 0.5) / s - 0.5 for lo, hi, s in zip(low, high, steps, strict=True)
-    ]
+    axes = [(np.arange(lo * s, hi * s) + 0.5) / s - 0.5 for lo, hi, s in zip(low, high, steps, strict=True)]
     fine_kji = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     local = ((grid.index_to_patient(fine_kji) - centre_mm) @ spec.rotation_matrix).astype(np.float32)
-    body = _box_average(_inside_shape(local, spec.radius_mm, spec.axis_ratios, spec.lobes, spec.spicules), steps)
+    body = _box_average(
+        _inside_shape(local, spec.radius_mm, spec.axis_ratios, spec.lobes, spec.spicules), steps
+    )
     core = None
     if spec.core_fraction > 0:
         core_local = local - np.asarray(spec.core_offset, dtype=np.float32) * spec.radius_mm
         core_radius = spec.radius_mm * spec.core_fraction
-        core = _box_average(_inside_shape(core_local, core_radius, spec.axis_ratios, spec.lobes[:3], ()), steps)
+        core = _box_average(
+            _inside_shape(core_local, core_radius, spec.axis_ratios, spec.lobes[:3], ()), steps
+        )
     sigma = [0.0, in_plane_blur_mm / grid.spacing[1], in_plane_blur_mm / grid.spacing[2]]
-    texture = ndimage.gaussian_filter(rng.normal(size=body.shape).astype(np.float32), 1.5 / np.asarray(grid.spacing))
+    texture = ndimage.gaussian_filter(
+        rng.normal(size=body.shape).astype(np.float32), 1.5 / np.asarray(grid.spacing)
+    )
     texture *= spec.texture_hu / max(float(texture.std()), 1e-6)
     return RenderedNodule(
         offset=(int(low[0]), int(low[1]), int(low[2])),
@@ -237,7 +243,8 @@ def _inside_shape(
     lobes: tuple[Lobe, ...],
     spicules: tuple[Spicule, ...],
 ) -> npt.NDArray[np.bool_]:
-    distance = np.linalg.norm(local, axis=-1)
+    squared = np.einsum("...i,...i->...", local, local)
+    distance = np.sqrt(squared)
     unit = local / np.maximum(distance, 1e-6)[..., None]
     ellipsoid_radius = radius_mm / np.sqrt(((unit / np.asarray(ratios, dtype=np.float32)) ** 2).sum(axis=-1))
     bulge = np.ones_like(distance)
@@ -245,20 +252,20 @@ def _inside_shape(
         bulge += lobe.amplitude * np.clip(unit @ np.asarray(lobe.direction, dtype=np.float32), 0, None) ** 6
     inside = distance <= ellipsoid_radius * bulge
     for spicule in spicules:
-        inside |= _inside_spicule(radius_mm, spicule, local)
+        inside |= _inside_spicule(radius_mm, spicule, local, squared)
     return inside
 
 
-def _inside_spicule(radius_mm: float, spicule: Spicule, local: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
-    """A thin cone from half the radius out past the surface, tapering from its base width to a point."""
-    direction = np.asarray(spicule.direction, dtype=np.float32)
+def _inside_spicule(
+    radius_mm: float, spicule: Spicule, local: npt.NDArray[np.float32], squared: npt.NDArray[np.float32]
+) -> npt.NDArray[np.bool_]:
+    """A thin cone from half the radius out past the surface, tapering from its base width to a point.
+    `squared` is the squared distance of each point from the centre."""
     start = 0.5 * radius_mm
     length = radius_mm * 0.5 + spicule.length_mm
-    along = local @ direction
-    t = np.clip((along - start) / length, 0, 1)
-    radial = np.linalg.norm(local - along[..., None] * direction, axis=-1)
-    width = spicule.width_mm / 2 * (1 - t)
-    return (along >= start) & (along <= start + length) & (radial <= width)
+    along = local @ np.asarray(spicule.direction, dtype=np.float32)
+    half_width = (spicule.width_mm / 2) * (1 - np.clip((along - start) / length, 0, 1))
+    return (along >= start) & (along <= start + length) & (squared - along * along <= half_width * half_width)
 
 
 def compose(background: npt.NDArray[np.float32], nodule: RenderedNodule) -> npt.NDArray[np.float32]:

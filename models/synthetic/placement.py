@@ -116,7 +116,9 @@ def _inside_parenchyma(context: PlacementContext, centre_mm: npt.ArrayLike, radi
     return fraction == 1.0 and float((hu < AIRWAY_HU).mean()) < 0.3
 
 
-def _propose_isolated(spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator) -> Placement | None:
+def _propose_isolated(
+    spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator
+) -> Placement | None:
     kji = _random_lung_index(context, rng)
     if kji is None:
         return None
@@ -129,7 +131,9 @@ def _propose_isolated(spec: NoduleSpec, context: PlacementContext, rng: np.rando
     return Placement(_as_tuple(centre))
 
 
-def _propose_juxtapleural(spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator) -> Placement | None:
+def _propose_juxtapleural(
+    spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator
+) -> Placement | None:
     """Walk from a lung point in a random in-plane direction to the pleura, then come back in so that
     about a quarter of the nodule's diameter lies in the chest wall, where it is cut off."""
     kji = _random_lung_index(context, rng)
@@ -188,7 +192,11 @@ def _propose_perifissural(
     spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator
 ) -> Placement | None:
     """On a fissure, flattened along it: the nodule's shortest axis along the fissure's normal."""
-    if context.fissure_points_mm is None or context.fissure_normals is None or len(context.fissure_points_mm) == 0:
+    if (
+        context.fissure_points_mm is None
+        or context.fissure_normals is None
+        or len(context.fissure_points_mm) == 0
+    ):
         raise PlacementError("perifissural nodules need the fissures, which only synthetic chests provide")
     pick = int(rng.integers(len(context.fissure_points_mm)))
     normal = context.fissure_normals[pick] / np.linalg.norm(context.fissure_normals[pick])
@@ -198,7 +206,9 @@ def _propose_perifissural(
     return Placement(_as_tuple(centre), rotation=_frame_with_third_axis(normal, rng))
 
 
-def _frame_with_third_axis(axis: npt.NDArray[np.float64], rng: np.random.Generator) -> npt.NDArray[np.float64]:
+def _frame_with_third_axis(
+    axis: npt.NDArray[np.float64], rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
     """A rotation whose third column is `axis`: the nodule's third (shortest) axis points along it."""
     helper = rng.normal(size=3)
     first = helper - (helper @ axis) * axis
@@ -206,7 +216,9 @@ def _frame_with_third_axis(axis: npt.NDArray[np.float64], rng: np.random.Generat
     return np.column_stack([first, np.cross(axis, first), axis])
 
 
-def _clear_of_keepouts(centre_mm: tuple[float, float, float], spec: NoduleSpec, context: PlacementContext) -> bool:
+def _clear_of_keepouts(
+    centre_mm: tuple[float, float, float], spec: NoduleSpec, context: PlacementContext
+) -> bool:
     return all(
         np.linalg.norm(np.subtract(centre_mm, k.centre_mm)) >= spec.extent_mm + k.radius_mm + CLEARANCE_MM
         for k in context.keepouts

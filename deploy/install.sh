@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the node and its tests need on a Debian machine: the DICOM tools (dcmtk: storescu,
+# dcmcjpeg; dicom3tools: dciodvfy) and a virtual environment in .venv with the project in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v dcmcjpeg >/dev/null || missing+=(dcmtk)
+command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "warning: install the Debian packages ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "ready: .venv/bin/cad-node"
