@@ -90,16 +90,22 @@ def synthesize_case(seed: int, n_nodules: int, *, n_slices: int | None = None) -
 
 
 def insert_into_real(
-    background: Volume, seed: int, n_nodules: int, *, ignore: Sequence[IgnoreMark] = ()
+    background: Volume,
+    seed: int,
+    n_nodules: int,
+    *,
+    ignore: Sequence[IgnoreMark] = (),
+    specs: Sequence[NoduleSpec] | None = None,
 ) -> Case:
-    """Synthetic nodules in the lungs of a real CT, away from the real nodules listed in `ignore`."""
+    """Synthetic nodules in the lungs of a real CT, away from the real nodules listed in `ignore`:
+    `n_nodules` random ones, or the given `specs`."""
     rng = np.random.default_rng([seed, 2])
     lungs = segment_lungs(background)
     keepouts = [Keepout(mark.centre_mm, max(mark.diameter_mm / 2, 5.0) + 5.0) for mark in ignore]
     context = PlacementContext(volume=background, lungs=lungs, keepouts=list(keepouts))
     hu = background.hu.copy()
     inserted = []
-    for spec in nodule_specs(rng, n_nodules, REAL_LOCATIONS):
+    for spec in nodule_specs(rng, n_nodules, REAL_LOCATIONS) if specs is None else specs:
         rendered, spec = _place_and_render(spec, context, rng, REAL_CT_BLUR_MM)
         box = rendered.slices()
         smooth = ndimage.gaussian_filter(hu[box], REAL_NOISE_SMOOTHING_MM / np.asarray(background.spacing))
@@ -131,7 +137,22 @@ def _place_and_render(
         raise PlacementError(f"no room for a {spec.location} nodule in these lungs")
     if placement.rotation is not None:
         spec = dataclasses.replace(spec, rotation=tuple(placement.rotation.ravel().tolist()))
-    return render(spec, placement.centre_mm, context.volume, rng, in_plane_blur_mm=blur_mm), spec
+    rendered = render(spec, placement.centre_mm, context.volume, rng, in_plane_blur_mm=blur_mm)
+    return _within_lungs(rendered, context.lungs), spec
+
+
+def _within_lungs(rendered: RenderedNodule, lungs: npt.NDArray[np.uint8]) -> RenderedNodule:
+    """A nodule grows in the lung and stops at the pleura: what would reach into the chest wall or the
+    mediastinum is cut off, with a soft edge one voxel wide."""
+    lung = ndimage.binary_dilation(lungs[rendered.slices()] > 0, iterations=1)
+    weight = ndimage.gaussian_filter(lung.astype(np.float32), 0.5)
+    return dataclasses.replace(
+        rendered,
+        body=rendered.body * weight,
+        core=None if rendered.core is None else rendered.core * weight,
+        body_mask=rendered.body_mask & lung,
+        core_mask=None if rendered.core_mask is None else rendered.core_mask & lung,
+    )
 
 
 def _truth(
@@ -147,7 +168,7 @@ def _truth(
     nodule's outline stops at the chest wall, as a reader would draw it."""
     box = rendered.slices()
     lung = lungs[box] > 0
-    body = _largest_component(rendered.body_mask & ndimage.binary_dilation(lung, iterations=1))
+    body = _largest_component(rendered.body_mask)
     mask = BoxMask.from_full(body, rendered.offset)
     core = None if rendered.core_mask is None else BoxMask.from_full(rendered.core_mask & body, rendered.offset)
     lung_label = (

@@ -23,6 +23,8 @@ LOCATIONS = ("isolated", "juxtapleural", "juxtavascular", "perifissural")
 MIN_DIAMETER_MM = 3.0
 MAX_DIAMETER_MM = 30.0
 SUBSAMPLE_MM = 0.35
+# Internal heterogeneity of a nodule: coarser than the scanner noise, which runs through it unchanged.
+TEXTURE_GRAIN_MM = 2.5
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,9 @@ def _attenuation(rng: np.random.Generator, nodule_type: str) -> tuple[float, flo
     if nodule_type == "solid":
         return float(rng.uniform(0, 60)), 12.0, 0.0, 0.0
     if nodule_type == "ground-glass":
-        return float(rng.uniform(-720, -450)), 35.0, 0.0, 0.0
+        return float(rng.uniform(-720, -450)), 25.0, 0.0, 0.0
     if nodule_type == "part-solid":
-        return float(rng.uniform(-680, -450)), 35.0, float(rng.uniform(0.3, 0.7)), float(rng.uniform(0, 60))
+        return float(rng.uniform(-680, -450)), 25.0, float(rng.uniform(0.3, 0.7)), float(rng.uniform(0, 60))
     return float(rng.uniform(20, 60)), 12.0, float(rng.uniform(0.5, 1.0)), float(rng.uniform(300, 1000))
 
 
@@ -216,7 +218,7 @@ def render(
         )
     sigma = [0.0, in_plane_blur_mm / grid.spacing[1], in_plane_blur_mm / grid.spacing[2]]
     texture = ndimage.gaussian_filter(
-        rng.normal(size=body.shape).astype(np.float32), 1.5 / np.asarray(grid.spacing)
+        rng.normal(size=body.shape).astype(np.float32), TEXTURE_GRAIN_MM / np.asarray(grid.spacing)
     )
     texture *= spec.texture_hu / max(float(texture.std()), 1e-6)
     return RenderedNodule(
