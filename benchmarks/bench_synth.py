@@ -23,7 +23,11 @@ def timed(label: str, **kwargs: object) -> float:
     steps: list[tuple[float, str]] = []
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        synthesize(Path(folder) / "case", progress=lambda m: steps.append((time.perf_counter() - started, m)), **kwargs)  # type: ignore[arg-type]
+        synthesize(
+            Path(folder) / "case",
+            progress=lambda m: steps.append((time.perf_counter() - started, m)),
+            **kwargs,
+        )  # type: ignore[arg-type]
         total = time.perf_counter() - started
     marks = [t for t, _ in steps] + [total]
     for (t, message), end in zip(steps, marks[1:], strict=True):
@@ -33,17 +37,29 @@ def timed(label: str, **kwargs: object) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--nodules", type=int, default=5)
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}")
-    total = timed(f"synthetic case, {args.slices} slices, {args.nodules} nodules", seed=300, n_nodules=args.nodules, n_slices=args.slices)
+    total = timed(
+        f"synthetic case, {args.slices} slices, {args.nodules} nodules",
+        seed=300,
+        n_nodules=args.nodules,
+        n_slices=args.slices,
+    )
     verdict = "meets" if total <= GOAL_S else "MISSES"
     print(f"goal: at most {GOAL_S:.0f} s for 300 slices: {verdict} it ({total / GOAL_S:.2f} of the budget)")
     backgrounds = sorted(LIDC.glob("LIDC-IDRI-0001/*/*/*.xml"))
     if backgrounds:
-        timed(f"insertion into LIDC-IDRI-0001, {args.nodules} nodules", seed=301, n_nodules=args.nodules, background=backgrounds[0].parent)
+        timed(
+            f"insertion into LIDC-IDRI-0001, {args.nodules} nodules",
+            seed=301,
+            n_nodules=args.nodules,
+            background=backgrounds[0].parent,
+        )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mb:.0f} MB")
 

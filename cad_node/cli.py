@@ -16,17 +16,39 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to write the case into (new or empty).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write the case into (new or empty).",
+)
 @click.option("--seed", required=True, type=int, help="Same seed, same case.")
-@click.option("--nodules", "n_nodules", default=3, show_default=True, type=click.IntRange(0, 40), help="Number of nodules.")
+@click.option(
+    "--nodules",
+    "n_nodules",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 40),
+    help="Number of nodules.",
+)
 @click.option(
     "--background",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A real CT series folder to insert the nodules into, instead of a synthetic chest.",
 )
-@click.option("--slices", "n_slices", type=click.IntRange(100, 400), help="Slices of a synthetic chest (default: random).")
-@click.option("--preview", is_flag=True, help="Also write preview.png: each nodule on its axial slice, outlined.")
-def synth(out_dir: Path, seed: int, n_nodules: int, background: Path | None, n_slices: int | None, preview: bool) -> None:
+@click.option(
+    "--slices",
+    "n_slices",
+    type=click.IntRange(100, 400),
+    help="Slices of a synthetic chest (default: random).",
+)
+@click.option(
+    "--preview", is_flag=True, help="Also write preview.png: each nodule on its axial slice, outlined."
+)
+def synth(
+    out_dir: Path, seed: int, n_nodules: int, background: Path | None, n_slices: int | None, preview: bool
+) -> None:
     """Write one chest CT case with known nodules: a DICOM CT series and DIR/ground_truth.json."""
     from models.synthetic.case_writing import SynthesisError, synthesize
 
@@ -35,8 +57,15 @@ def synth(out_dir: Path, seed: int, n_nodules: int, background: Path | None, n_s
     started = time.perf_counter()
     try:
         written = synthesize(
-            out_dir, seed=seed, n_nodules=n_nodules, background=background, n_slices=n_slices, preview=preview,
-            progress=lambda message: click.echo(f"[{time.perf_counter() - started:6.1f} s] {message}", err=True),
+            out_dir,
+            seed=seed,
+            n_nodules=n_nodules,
+            background=background,
+            n_slices=n_slices,
+            preview=preview,
+            progress=lambda message: click.echo(
+                f"[{time.perf_counter() - started:6.1f} s] {message}", err=True
+            ),
         )
     except SynthesisError as error:
         click.echo(f"error: {error}", err=True)

@@ -29,7 +29,9 @@ TILE_INCHES = 3.2
 class PreviewItem:
     label: str
     centre_kji: tuple[float, float, float]
-    outline: npt.NDArray[np.bool_] | None = None  # the mask on the item's axial slice (rows, columns), or None
+    outline: npt.NDArray[np.bool_] | None = (
+        None  # the mask on the item's axial slice (rows, columns), or None
+    )
     colour: str = "red"
 
 

@@ -2,6 +2,11 @@
 
 Nothing is guessed: a set of files that cannot become one correct volume raises SeriesError
 with the reason. Slices are ordered by their position along the slice normal.
+
+A series is either single-frame CT images, one slice each, or multi-frame (Enhanced or Legacy
+Converted Enhanced) CT images, one slice per frame. Both become the same list of slices, whose
+geometry and pixel value attributes read as a single-frame image's do, so one set of checks and
+one HU conversion serve both.
 """
 
 from __future__ import annotations
@@ -22,11 +27,34 @@ from models.volume import Volume
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.2")
+MULTI_FRAME_CT = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 AIR_HU = -1024.0
 ORIENTATION_TOLERANCE = 1e-3
 DUPLICATE_TOLERANCE_MM = 0.01
 DEFAULT_SPACING_TOLERANCE_MM = 0.1
 TILT_TOLERANCE_MM = 0.05
+
+# Where a multi-frame CT image keeps, in its functional groups, what a single-frame one has at top level.
+# Legacy Converted images keep Gantry/Detector Tilt among their unassigned converted attributes.
+_FUNCTIONAL_GROUP_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+    "CTAcquisitionDetailsSequence": ("GantryDetectorTilt",),
+    "UnassignedSharedConvertedAttributesSequence": ("GantryDetectorTilt",),
+    "UnassignedPerFrameConvertedAttributesSequence": ("GantryDetectorTilt",),
+}
+# What every frame of a multi-frame image shares from the image's top level.
+_INSTANCE_ATTRIBUTES = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
 
 
 class SeriesError(ValueError):
@@ -35,9 +63,14 @@ class SeriesError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class CtSeries:
+    """The volume and, per slice k, the instance it came from: ``headers[k]`` (without pixel data),
+    ``paths[k]`` and the 1-based ``frame_numbers[k]`` within that instance (1 for single-frame).
+    A multi-frame instance repeats its header, path and SOP Instance UID for each of its frames."""
+
     volume: Volume
     headers: tuple[Dataset, ...]
     paths: tuple[Path, ...]
+    frame_numbers: tuple[int, ...]
 
     @property
     def sop_instance_uids(self) -> tuple[str, ...]:
@@ -46,6 +79,19 @@ class CtSeries:
     @property
     def series_instance_uid(self) -> str:
         return str(self.headers[0].SeriesInstanceUID)
+
+
+@dataclass(frozen=True, eq=False)
+class _Slice:
+    """One slice: a single-frame instance, or one frame of a multi-frame instance."""
+
+    header: Dataset
+    path: Path
+    frame_number: int
+    # The slice's geometry and pixel value attributes under their single-frame keywords: the header
+    # itself for a single-frame image, the frame's functional groups flattened for a multi-frame one.
+    attributes: Dataset
+    name: str
 
 
 def load_series(
@@ -58,26 +104,31 @@ def load_series(
     headers, paths = _read_headers(source)
     _check_one_ct_series(headers, paths)
     headers, paths = _drop_repeated_instances(headers, paths)
-    if len(headers) < 2:
-        raise SeriesError(f"a volume needs at least 2 slices, the series has {len(headers)}")
-    row_cosine, column_cosine = _common_orientation(headers, paths)
-    rows, columns, pixel_spacing = _common_frame(headers, paths)
+    slices = [s for header, path in zip(headers, paths, strict=True) for s in _slices_of(header, path)]
+    if len(slices) < 2:
+        raise SeriesError(f"a volume needs at least 2 slices, the series has {len(slices)}")
+    row_cosine, column_cosine = _common_orientation(slices)
+    rows, columns, pixel_spacing = _common_frame(slices)
     normal = np.cross(row_cosine, column_cosine)
-    positions = np.array([_position(h, p) for h, p in zip(headers, paths, strict=True)])
+    positions = np.array([_position(s) for s in slices])
     order = np.argsort(positions @ normal, kind="stable")
-    headers = tuple(headers[i] for i in order)
-    paths = tuple(paths[i] for i in order)
+    slices = [slices[i] for i in order]
     positions = positions[order]
-    slice_spacing = _uniform_slice_spacing(positions, normal, paths, spacing_tolerance_mm)
-    _check_no_tilt(headers, positions, normal)
-    hu = _read_voxels(paths, rows, columns)
+    slice_spacing = _uniform_slice_spacing(positions, normal, slices, spacing_tolerance_mm)
+    _check_no_tilt(slices[0].attributes, positions, normal)
+    hu = _read_voxels(slices, rows, columns)
     volume = Volume(
         hu=hu,
         spacing=(slice_spacing, pixel_spacing[0], pixel_spacing[1]),
         origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
         direction=np.column_stack([normal, column_cosine, row_cosine]),
     )
-    return CtSeries(volume=volume, headers=headers, paths=paths)
+    return CtSeries(
+        volume=volume,
+        headers=tuple(s.header for s in slices),
+        paths=tuple(s.path for s in slices),
+        frame_numbers=tuple(s.frame_number for s in slices),
+    )
 
 
 def _candidate_files(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], bool]:
@@ -119,9 +170,7 @@ def _check_one_ct_series(headers: list[Dataset], paths: list[Path]) -> None:
         raise SeriesError(f"the files belong to {len(series)} series ({', '.join(series)}); pass one series")
     for header, path in zip(headers, paths, strict=True):
         sop_class = header.SOPClassUID
-        if sop_class == ENHANCED_CT_IMAGE_STORAGE:
-            raise SeriesError(f"{path.name}: Enhanced CT (multi-frame) images are not supported yet")
-        if sop_class != CT_IMAGE_STORAGE:
+        if sop_class != CT_IMAGE_STORAGE and sop_class not in MULTI_FRAME_CT:
             raise SeriesError(f"{path.name}: SOP class {sop_class.name or sop_class} is not CT Image Storage")
         if int(header.get("SamplesPerPixel", 1)) != 1 or header.get("PhotometricInterpretation") not in (
             "MONOCHROME2",
@@ -131,6 +180,12 @@ def _check_one_ct_series(headers: list[Dataset], paths: list[Path]) -> None:
                 f"{path.name}: photometric interpretation {header.get('PhotometricInterpretation')} "
                 "is not a MONOCHROME2 CT image"
             )
+    example_of_kind = {h.SOPClassUID in MULTI_FRAME_CT: p.name for h, p in zip(headers, paths, strict=True)}
+    if len(example_of_kind) > 1:
+        raise SeriesError(
+            f"the series mixes single-frame CT images ({example_of_kind[False]}) and multi-frame ones "
+            f"({example_of_kind[True]}); pass one kind"
+        )
 
 
 def _drop_repeated_instances(headers: list[Dataset], paths: list[Path]) -> tuple[list[Dataset], list[Path]]:
@@ -142,20 +197,58 @@ def _drop_repeated_instances(headers: list[Dataset], paths: list[Path]) -> tuple
     return [headers[i] for i in keep], [paths[i] for i in keep]
 
 
-def _required(header: Dataset, path: Path, keyword: str) -> list[float]:
-    value = header.get(keyword)
+def _slices_of(header: Dataset, path: Path) -> list[_Slice]:
+    if header.SOPClassUID not in MULTI_FRAME_CT:
+        return [_Slice(header=header, path=path, frame_number=1, attributes=header, name=path.name)]
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        raise SeriesError(f"{path.name}: multi-frame image without a Per-frame Functional Groups Sequence")
+    frames = int(header.get("NumberOfFrames", 0) or 0)
+    if frames != len(per_frame):
+        raise SeriesError(
+            f"{path.name}: Number of Frames is {frames} but the Per-frame Functional Groups Sequence "
+            f"has {len(per_frame)} items"
+        )
+    shared = header.get("SharedFunctionalGroupsSequence")
+    shared_groups = shared[0] if shared else Dataset()
+    return [
+        _Slice(
+            header=header,
+            path=path,
+            frame_number=number,
+            attributes=_frame_attributes(header, shared_groups, frame_groups),
+            name=f"{path.name} frame {number}",
+        )
+        for number, frame_groups in enumerate(per_frame, start=1)
+    ]
+
+
+def _frame_attributes(header: Dataset, shared_groups: Dataset, frame_groups: Dataset) -> Dataset:
+    attributes = Dataset()
+    for keyword in _INSTANCE_ATTRIBUTES:
+        if keyword in header:
+            attributes.add(header[keyword])
+    for groups in (shared_groups, frame_groups):  # per-frame groups, added last, override shared ones
+        for sequence, keywords in _FUNCTIONAL_GROUP_ATTRIBUTES.items():
+            if not groups.get(sequence):
+                continue
+            macro = groups[sequence][0]
+            for keyword in keywords:
+                if keyword in macro:
+                    attributes.add(macro[keyword])
+    return attributes
+
+
+def _required(s: _Slice, keyword: str) -> list[float]:
+    value = s.attributes.get(keyword)
     if value is None or value == "" or (isinstance(value, Sequence) and len(value) == 0):
-        raise SeriesError(f"{path.name}: missing geometry: no {keyword}")
+        raise SeriesError(f"{s.name}: missing geometry: no {keyword}")
     values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
     return [float(v) for v in values]
 
 
-def _common_orientation(
-    headers: list[Dataset], paths: list[Path]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    orientations = np.array(
-        [_required(h, p, "ImageOrientationPatient") for h, p in zip(headers, paths, strict=True)]
-    )
+def _common_orientation(slices: list[_Slice]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    orientations = np.array([_required(s, "ImageOrientationPatient") for s in slices])
     if orientations.shape[1] != 6:
         raise SeriesError(
             f"missing geometry: Image Orientation (Patient) has {orientations.shape[1]} values, not 6"
@@ -164,8 +257,8 @@ def _common_orientation(
     if differs.any():
         other = int(np.argmax(differs))
         raise SeriesError(
-            f"mixed orientations: {paths[0].name} has {orientations[0].round(4).tolist()}, "
-            f"{paths[other].name} has {orientations[other].round(4).tolist()}"
+            f"mixed orientations: {slices[0].name} has {orientations[0].round(4).tolist()}, "
+            f"{slices[other].name} has {orientations[other].round(4).tolist()}"
         )
     row_cosine, column_cosine = orientations[0, :3], orientations[0, 3:]
     if not (
@@ -179,13 +272,13 @@ def _common_orientation(
     return row_cosine / np.linalg.norm(row_cosine), column_cosine / np.linalg.norm(column_cosine)
 
 
-def _common_frame(headers: list[Dataset], paths: list[Path]) -> tuple[int, int, tuple[float, float]]:
+def _common_frame(slices: list[_Slice]) -> tuple[int, int, tuple[float, float]]:
     frames = []
-    for header, path in zip(headers, paths, strict=True):
-        spacing = _required(header, path, "PixelSpacing")
+    for s in slices:
+        spacing = _required(s, "PixelSpacing")
         if len(spacing) != 2 or min(spacing) <= 0:
-            raise SeriesError(f"{path.name}: Pixel Spacing {spacing} is not two positive values")
-        frames.append((int(header.Rows), int(header.Columns), spacing[0], spacing[1]))
+            raise SeriesError(f"{s.name}: Pixel Spacing {spacing} is not two positive values")
+        frames.append((int(s.attributes.Rows), int(s.attributes.Columns), spacing[0], spacing[1]))
     distinct = sorted({(r, c, round(sr, 4), round(sc, 4)) for r, c, sr, sc in frames})
     if len(distinct) > 1:
         described = "; ".join(f"{r} x {c} at {sr} x {sc} mm" for r, c, sr, sc in distinct)
@@ -194,19 +287,17 @@ def _common_frame(headers: list[Dataset], paths: list[Path]) -> tuple[int, int, 
     return rows, columns, (row_spacing, column_spacing)
 
 
-def _position(header: Dataset, path: Path) -> list[float]:
-    position = _required(header, path, "ImagePositionPatient")
+def _position(s: _Slice) -> list[float]:
+    position = _required(s, "ImagePositionPatient")
     if len(position) != 3:
-        raise SeriesError(
-            f"{path.name}: missing geometry: Image Position (Patient) has {len(position)} values"
-        )
+        raise SeriesError(f"{s.name}: missing geometry: Image Position (Patient) has {len(position)} values")
     return position
 
 
 def _uniform_slice_spacing(
     positions: npt.NDArray[np.float64],
     normal: npt.NDArray[np.float64],
-    paths: tuple[Path, ...],
+    slices: list[_Slice],
     tolerance: float,
 ) -> float:
     along = positions @ normal
@@ -215,14 +306,14 @@ def _uniform_slice_spacing(
     if duplicate.size:
         k = int(duplicate[0])
         raise SeriesError(
-            f"duplicate slice positions: {paths[k].name} and {paths[k + 1].name} both lie at "
+            f"duplicate slice positions: {slices[k].name} and {slices[k + 1].name} both lie at "
             f"{along[k]:.2f} mm along the slice normal ({duplicate.size} such pairs)"
         )
     spacing = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - spacing)))
     if abs(steps[worst] - spacing) > tolerance:
         raise SeriesError(
-            f"non-uniform slice spacing: the step between {paths[worst].name} and {paths[worst + 1].name} "
+            f"non-uniform slice spacing: the step between {slices[worst].name} and {slices[worst + 1].name} "
             f"is {steps[worst]:.3f} mm where the series' spacing is {spacing:.3f} mm "
             f"(tolerance {tolerance} mm); slices missing or a mixed series"
         )
@@ -230,9 +321,9 @@ def _uniform_slice_spacing(
 
 
 def _check_no_tilt(
-    headers: tuple[Dataset, ...], positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float64]
+    attributes: Dataset, positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float64]
 ) -> None:
-    tilt = float(headers[0].get("GantryDetectorTilt", 0) or 0)
+    tilt = float(attributes.get("GantryDetectorTilt", 0) or 0)
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     in_plane = step - (step @ normal) * normal
     shear = float(np.linalg.norm(in_plane))
@@ -247,27 +338,42 @@ def _check_no_tilt(
         raise SeriesError(f"gantry tilt of {tilt} degrees recorded in Gantry/Detector Tilt")
 
 
-def _read_voxels(paths: tuple[Path, ...], rows: int, columns: int) -> npt.NDArray[np.float32]:
-    hu = np.empty((len(paths), rows, columns), dtype=np.float32)
+def _read_voxels(slices: list[_Slice], rows: int, columns: int) -> npt.NDArray[np.float32]:
+    """Decode each instance once, all its frames together, and place each frame at its slice."""
+    hu = np.empty((len(slices), rows, columns), dtype=np.float32)
+    slices_of_file: dict[Path, list[int]] = {}
+    for k, s in enumerate(slices):
+        slices_of_file.setdefault(s.path, []).append(k)
 
-    def read(k: int) -> None:
-        hu[k] = _slice_hu(pydicom.dcmread(paths[k]), paths[k])
+    def read(path: Path) -> None:
+        frames = _stored_frames(path)
+        for k in slices_of_file[path]:
+            s = slices[k]
+            if s.frame_number > len(frames):
+                raise SeriesError(f"{s.name}: the pixel data holds only {len(frames)} frames")
+            hu[k] = _frame_hu(frames[s.frame_number - 1], s.attributes)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(read, range(len(paths))))
+        list(pool.map(read, slices_of_file))
     return hu
 
 
-def _slice_hu(dataset: Dataset, path: Path) -> npt.NDArray[np.float32]:
+def _stored_frames(path: Path) -> npt.NDArray[np.generic]:
+    """The stored values of all the frames of one file, as (frame, row, column)."""
+    dataset = pydicom.dcmread(path)
     try:
         stored = dataset.pixel_array
     except Exception as error:  # pydicom raises several types for undecodable pixel data
         syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
         raise SeriesError(f"{path.name}: cannot decode pixel data ({syntax}): {error}") from error
-    slope = float(dataset.get("RescaleSlope", 1) or 1)
-    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    return stored[np.newaxis] if stored.ndim == 2 else stored
+
+
+def _frame_hu(stored: npt.NDArray[np.generic], attributes: Dataset) -> npt.NDArray[np.float32]:
+    slope = float(attributes.get("RescaleSlope", 1) or 1)
+    intercept = float(attributes.get("RescaleIntercept", 0) or 0)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    padding = _padding_mask(dataset, stored)
+    padding = _padding_mask(attributes, stored)
     if padding is not None:
         hu[padding] = AIR_HU
     # Nothing physical lies below air; scanners write -2000 or -3024 outside the reconstruction circle.

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from highdicom.legacy import LegacyConvertedEnhancedCTImage
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from models.series_loading import SeriesError, load_series
+from models.series_loading import ENHANCED_CT_IMAGE_STORAGE, SeriesError, load_series
 from models.series_writing import AcquisitionParameters, SeriesIdentity, write_ct_series
 from models.volume import Volume
 
@@ -288,3 +290,227 @@ def test_undecodable_pixel_data(series_dir: Path) -> None:
     edit(series_dir, 0, lambda d: setattr(d, "PixelData", b"\x00" * 10))
     with pytest.raises(SeriesError, match="cannot decode pixel data"):
         load_series(series_dir)
+
+
+# --- multi-frame CT: one slice per frame, the same checks and messages ---------------------------
+
+
+def test_legacy_converted_enhanced_ct_loads_as_its_single_frame_slices(
+    lidc_0001: Path, tmp_path: Path
+) -> None:
+    files = list(load_series(lidc_0001).paths[40:60])
+    converted = LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(f) for f in files],
+        series_instance_uid=generate_uid(),
+        series_number=900,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    converted.save_as(tmp_path / "legacy.dcm")
+    single = load_series(files)
+    multi = load_series(tmp_path / "legacy.dcm")
+    np.testing.assert_array_equal(multi.volume.hu, single.volume.hu)
+    assert multi.volume.spacing == pytest.approx(single.volume.spacing)
+    assert multi.volume.origin == pytest.approx(single.volume.origin)
+    np.testing.assert_allclose(multi.volume.direction, single.volume.direction)
+    assert sorted(multi.frame_numbers) == list(range(1, 21))
+    assert set(multi.sop_instance_uids) == {converted.SOPInstanceUID}
+    # each slice's frame is the one converted from the single-frame slice at the same place
+    per_frame = converted.PerFrameFunctionalGroupsSequence
+    sources = [
+        per_frame[n - 1].ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID
+        for n in multi.frame_numbers
+    ]
+    assert tuple(sources) == single.sop_instance_uids
+
+
+def _macro(keyword: str, **values: object) -> Dataset:
+    """A functional group: ``keyword`` holding one item with ``values``."""
+    item = Dataset()
+    for name, value in values.items():
+        setattr(item, name, value)
+    group = Dataset()
+    setattr(group, keyword, [item])
+    return group
+
+
+def to_enhanced_ct(files: Sequence[Path], target: Path) -> Path:
+    """An Enhanced CT image with the slices of ``files`` as its frames, in that order: geometry and
+    rescale moved into the functional groups, as a scanner writes them."""
+    slices = [pydicom.dcmread(f) for f in files]
+    dataset = pydicom.dcmread(files[0])
+    moved = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"]
+    for keyword in [*moved, "RescaleSlope", "RescaleIntercept", "RescaleType", "SliceLocation"]:
+        if keyword in dataset:
+            delattr(dataset, keyword)
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.NumberOfFrames = len(slices)
+    shared = Dataset()
+    shared.update(
+        _macro("PlaneOrientationSequence", ImageOrientationPatient=slices[0].ImageOrientationPatient)
+    )
+    shared.update(
+        _macro(
+            "PixelMeasuresSequence",
+            PixelSpacing=slices[0].PixelSpacing,
+            SliceThickness=slices[0].SliceThickness,
+        )
+    )
+    shared.update(
+        _macro(
+            "PixelValueTransformationSequence",
+            RescaleSlope=slices[0].RescaleSlope,
+            RescaleIntercept=slices[0].RescaleIntercept,
+            RescaleType="HU",
+        )
+    )
+    dataset.SharedFunctionalGroupsSequence = [shared]
+    dataset.PerFrameFunctionalGroupsSequence = [
+        _macro("PlanePositionSequence", ImagePositionPatient=s.ImagePositionPatient) for s in slices
+    ]
+    dataset.PixelData = b"".join(s.PixelData for s in slices)
+    dataset.save_as(target)
+    return target
+
+
+@pytest.fixture
+def enhanced_ct(series_dir: Path, tmp_path: Path) -> Path:
+    return to_enhanced_ct(sorted(series_dir.glob("*.dcm")), tmp_path / "enhanced.dcm")
+
+
+def edit_instance(path: Path, change: Callable[[Dataset], None]) -> None:
+    dataset = pydicom.dcmread(path)
+    change(dataset)
+    dataset.save_as(path)
+
+
+def edit_frame(path: Path, index: int, change: Callable[[Dataset], None]) -> None:
+    """Apply ``change`` to the per-frame functional groups of frame ``index + 1``."""
+    edit_instance(path, lambda d: change(d.PerFrameFunctionalGroupsSequence[index]))
+
+
+def test_enhanced_ct_round_trips_in_any_frame_order(series_dir: Path, tmp_path: Path) -> None:
+    files = sorted(series_dir.glob("*.dcm"))
+    frame_order = [5, 2, 7, 0, 3, 6, 1, 4]
+    path = to_enhanced_ct([files[k] for k in frame_order], tmp_path / "enhanced.dcm")
+    series = load_series(path)
+    original = small_volume()
+    np.testing.assert_array_equal(series.volume.hu, original.hu)
+    np.testing.assert_allclose(series.volume.spacing, original.spacing)
+    np.testing.assert_allclose(series.volume.origin, original.origin)
+    np.testing.assert_allclose(series.volume.direction, original.direction, atol=1e-6)
+    assert series.frame_numbers == tuple(frame_order.index(k) + 1 for k in range(8))
+    assert series.paths == (path,) * 8
+    assert len(set(series.sop_instance_uids)) == 1
+
+
+def test_compressed_multi_frame_decodes_to_identical_voxels(enhanced_ct: Path) -> None:
+    dataset = pydicom.dcmread(enhanced_ct)
+    dataset.compress(RLELossless)
+    dataset.save_as(enhanced_ct)
+    np.testing.assert_array_equal(load_series(enhanced_ct).volume.hu, small_volume().hu)
+
+
+def test_a_series_of_several_multi_frame_instances(series_dir: Path, tmp_path: Path) -> None:
+    files = sorted(series_dir.glob("*.dcm"))
+    to_enhanced_ct(files[:4], tmp_path / "a.dcm")
+    to_enhanced_ct(files[4:], tmp_path / "b.dcm")
+    shutil.copy(tmp_path / "b.dcm", tmp_path / "b-again.dcm")  # received twice: still 4 slices
+    series = load_series([tmp_path / "a.dcm", tmp_path / "b.dcm", tmp_path / "b-again.dcm"])
+    np.testing.assert_array_equal(series.volume.hu, small_volume().hu)
+    assert series.frame_numbers == (1, 2, 3, 4, 1, 2, 3, 4)
+    assert len(set(series.sop_instance_uids)) == 2
+
+
+def test_per_frame_rescale_overrides_the_shared_one(enhanced_ct: Path) -> None:
+    def rescale(groups: Dataset) -> None:
+        groups.update(_macro("PixelValueTransformationSequence", RescaleSlope=2, RescaleIntercept=-2048))
+
+    edit_frame(enhanced_ct, 3, rescale)
+    stored = pydicom.dcmread(enhanced_ct).pixel_array[3].astype(np.float32)
+    hu = load_series(enhanced_ct).volume.hu
+    assert np.array_equal(hu[3], np.maximum(stored * 2 - 2048, -1024))
+    assert np.array_equal(hu[2], small_volume().hu[2])
+
+
+def test_multi_frame_mixed_orientations(enhanced_ct: Path) -> None:
+    edit_frame(
+        enhanced_ct,
+        2,
+        lambda g: g.update(
+            _macro("PlaneOrientationSequence", ImageOrientationPatient=[1, 0, 0, 0, 0.8660254, -0.5])
+        ),
+    )
+    with pytest.raises(
+        SeriesError, match=r"mixed orientations: enhanced\.dcm frame 1 has .*, enhanced\.dcm frame 3 has"
+    ):
+        load_series(enhanced_ct)
+
+
+def test_multi_frame_duplicate_positions(enhanced_ct: Path) -> None:
+    position = pydicom.dcmread(enhanced_ct).PerFrameFunctionalGroupsSequence[4].PlanePositionSequence[0]
+    edit_frame(
+        enhanced_ct,
+        5,
+        lambda g: setattr(g.PlanePositionSequence[0], "ImagePositionPatient", position.ImagePositionPatient),
+    )
+    with pytest.raises(
+        SeriesError,
+        match=r"duplicate slice positions: enhanced\.dcm frame 5 and enhanced\.dcm frame 6 both lie at",
+    ):
+        load_series(enhanced_ct)
+
+
+def test_multi_frame_missing_position(enhanced_ct: Path) -> None:
+    edit_frame(enhanced_ct, 4, lambda g: delattr(g, "PlanePositionSequence"))
+    with pytest.raises(
+        SeriesError, match=r"enhanced\.dcm frame 5: missing geometry: no ImagePositionPatient"
+    ):
+        load_series(enhanced_ct)
+
+
+@pytest.mark.parametrize(
+    ("group", "keyword"),
+    [("PlaneOrientationSequence", "ImageOrientationPatient"), ("PixelMeasuresSequence", "PixelSpacing")],
+)
+def test_multi_frame_missing_shared_geometry(enhanced_ct: Path, group: str, keyword: str) -> None:
+    edit_instance(enhanced_ct, lambda d: delattr(d.SharedFunctionalGroupsSequence[0], group))
+    with pytest.raises(SeriesError, match=f"missing geometry: no {keyword}"):
+        load_series(enhanced_ct)
+
+
+def test_multi_frame_missing_frame_is_non_uniform_spacing(series_dir: Path, tmp_path: Path) -> None:
+    files = sorted(series_dir.glob("*.dcm"))
+    path = to_enhanced_ct([*files[:3], *files[4:]], tmp_path / "enhanced.dcm")
+    with pytest.raises(SeriesError, match=r"non-uniform slice spacing: .* is 4\.000 mm where .* 2\.000 mm"):
+        load_series(path)
+
+
+def test_multi_frame_gantry_tilt_by_geometry(enhanced_ct: Path) -> None:
+    dataset = pydicom.dcmread(enhanced_ct)
+    for index, groups in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        plane = groups.PlanePositionSequence[0]
+        plane.ImagePositionPatient = [
+            float(v) + s for v, s in zip(plane.ImagePositionPatient, (0, index * 0.5, 0), strict=True)
+        ]
+    dataset.save_as(enhanced_ct)
+    with pytest.raises(SeriesError, match=r"gantry tilt: each slice is shifted 0\.50 mm"):
+        load_series(enhanced_ct)
+
+
+def test_frame_count_that_disagrees_with_the_functional_groups(enhanced_ct: Path) -> None:
+    edit_instance(enhanced_ct, lambda d: setattr(d, "NumberOfFrames", 7))
+    with pytest.raises(
+        SeriesError, match="Number of Frames is 7 but the Per-frame Functional Groups Sequence has 8"
+    ):
+        load_series(enhanced_ct)
+
+
+def test_single_frame_and_multi_frame_in_one_series(series_dir: Path, tmp_path: Path) -> None:
+    files = sorted(series_dir.glob("*.dcm"))
+    multi = to_enhanced_ct(files[4:], tmp_path / "enhanced.dcm")
+    with pytest.raises(
+        SeriesError, match=r"mixes single-frame CT images .* and multi-frame ones \(enhanced\.dcm\)"
+    ):
+        load_series([*files[:4], multi])

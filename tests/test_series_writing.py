@@ -257,7 +257,9 @@ def _sphere_volume() -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
 def test_nodule_montage_writes_a_png(tmp_path: Path) -> None:
     volume, mask, centre = _sphere_volume()
     items = [
-        PreviewItem(label="#1 solid 10.0 mm", centre_kji=centre, outline=mask[round(centre[0])], colour="lime"),
+        PreviewItem(
+            label="#1 solid 10.0 mm", centre_kji=centre, outline=mask[round(centre[0])], colour="lime"
+        ),
         PreviewItem(label="#2 no mask, near the edge", centre_kji=(5, 150, 3), outline=None, colour="orange"),
     ]
     out = nodule_montage(volume, items, tmp_path / "montage.png", title="synthetic sphere")

@@ -47,7 +47,14 @@ def synthetic_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def inserted_case(tmp_path_factory: pytest.TempPathFactory, lidc_series_dir: Callable[[str], Path]) -> Path:
     out = tmp_path_factory.mktemp("inserted") / "case"
     run_synth(
-        "--out", str(out), "--seed", "11", "--nodules", "6", "--background", str(lidc_series_dir("LIDC-IDRI-0001")),
+        "--out",
+        str(out),
+        "--seed",
+        "11",
+        "--nodules",
+        "6",
+        "--background",
+        str(lidc_series_dir("LIDC-IDRI-0001")),
         "--preview",
     )
     return out
@@ -67,7 +74,9 @@ def check_case(case_dir: Path, expected_nodules: int) -> tuple[Volume, dict]:
             k, j, i = kji
             centre_hu = float(np.median(volume.hu[k, j - 1 : j + 2, i - 1 : i + 2]))
             low, high = EXPECTED_CENTRE_HU[nodule["type"]]
-            assert low <= centre_hu <= high, f"nodule {nodule['label']} ({nodule['type']}): {centre_hu:.0f} HU"
+            assert low <= centre_hu <= high, (
+                f"nodule {nodule['label']} ({nodule['type']}): {centre_hu:.0f} HU"
+            )
         assert nodule["long_axis_mm"] >= nodule["short_axis_mm"] > 0
     assert (case_dir / "preview.png").stat().st_size > 20_000
     return volume, truth
@@ -85,11 +94,18 @@ def test_synthetic_case(synthetic_case: Path) -> None:
     volume, truth = check_case(synthetic_case, 8)
     assert volume.shape == (120, 512, 512)
     assert {n["type"] for n in truth["nodules"]} == {"solid", "part-solid", "ground-glass", "calcified"}
-    assert {n["location"] for n in truth["nodules"]} == {"isolated", "juxtapleural", "juxtavascular", "perifissural"}
+    assert {n["location"] for n in truth["nodules"]} == {
+        "isolated",
+        "juxtapleural",
+        "juxtavascular",
+        "perifissural",
+    }
     assert all(n["lobe"] for n in truth["nodules"])
 
 
-def test_inserted_case_keeps_the_background(inserted_case: Path, lidc_series_dir: Callable[[str], Path]) -> None:
+def test_inserted_case_keeps_the_background(
+    inserted_case: Path, lidc_series_dir: Callable[[str], Path]
+) -> None:
     volume, truth = check_case(inserted_case, 6)
     background = load_series(lidc_series_dir("LIDC-IDRI-0001")).volume
     assert volume.shape == background.shape
@@ -108,14 +124,20 @@ def test_inserted_case_keeps_the_background(inserted_case: Path, lidc_series_dir
 
 
 @pytest.mark.parametrize("nodule_type", ["solid", "ground-glass"])
-def test_inserted_noise_matches_the_background(lidc_series_dir: Callable[[str], Path], nodule_type: str) -> None:
+def test_inserted_noise_matches_the_background(
+    lidc_series_dir: Callable[[str], Path], nodule_type: str
+) -> None:
     """The scan's own noise runs through an inserted nodule: inside it, the fine-grained (high-pass) part
     of the image is as strong as the background's at the same voxels, neither smoothed away nor doubled."""
     background = load_series(lidc_series_dir("LIDC-IDRI-0001")).volume
-    spec = sample_spec(np.random.default_rng(3), nodule_type=nodule_type, shape="round", location="isolated", diameter_mm=20)
+    spec = sample_spec(
+        np.random.default_rng(3), nodule_type=nodule_type, shape="round", location="isolated", diameter_mm=20
+    )
     case = insert_into_real(background, seed=5, n_nodules=1, specs=[spec])
     # At least 4 high-pass widths in from the edge, so that the nodule's own edge does not count as noise.
-    interior = ndimage.binary_erosion(case.nodules[0].mask.full(background.shape), structure=np.ones((1, 9, 9), bool))
+    interior = ndimage.binary_erosion(
+        case.nodules[0].mask.full(background.shape), structure=np.ones((1, 9, 9), bool)
+    )
     assert interior.sum() > 100
 
     def fine(hu: np.ndarray) -> np.ndarray:
@@ -136,7 +158,9 @@ def test_same_seed_same_case(synthetic_case: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["synthetic_case", "inserted_case"])
-def test_slices_pass_dciodvfy(which: str, request: pytest.FixtureRequest, require_tool: Callable[[str], str]) -> None:
+def test_slices_pass_dciodvfy(
+    which: str, request: pytest.FixtureRequest, require_tool: Callable[[str], str]
+) -> None:
     case_dir: Path = request.getfixturevalue(which)
     assert dciodvfy_errors(sorted(case_dir.glob("*.dcm")), require_tool("dciodvfy")) == []
 
@@ -151,6 +175,8 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path: Path) -> None:
 def test_background_that_is_not_a_series(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "o"), "--seed", "1", "--background", str(empty)])
+    result = CliRunner().invoke(
+        main, ["synth", "--out", str(tmp_path / "o"), "--seed", "1", "--background", str(empty)]
+    )
     assert result.exit_code == 2
     assert "no DICOM files found" in result.output

@@ -148,7 +148,11 @@ def synthesize(
             progress(f"synthetic chest, seed {seed}: anatomy, {n_nodules} nodules, acquisition noise")
             case = synthesize_case(seed, n_nodules, n_slices=n_slices)
             identity, acquisition = synthetic_identity(seed), synthetic_acquisition_parameters(case)
-            info: dict[str, object] = {"kind": "synthetic", "seed": seed, "acquisition": asdict(case.acquisition)}
+            info: dict[str, object] = {
+                "kind": "synthetic",
+                "seed": seed,
+                "acquisition": asdict(case.acquisition),
+            }
         else:
             progress(f"reading the background series {background}")
             series = load_series(background)
@@ -157,13 +161,23 @@ def synthesize(
             case = insert_into_real(series.volume, seed, n_nodules, ignore=ignore)
             identity = insertion_identity(seed, series.headers[0])
             acquisition = background_acquisition_parameters(series.headers[0])
-            info = {"kind": "insertion", "seed": seed, "background_series_instance_uid": series.series_instance_uid}
+            info = {
+                "kind": "insertion",
+                "seed": seed,
+                "background_series_instance_uid": series.series_instance_uid,
+            }
     except (SeriesError, LungSegmentationError, PlacementError, LidcError) as error:
         raise SynthesisError(str(error)) from error
     info["title"] = f"{identity.series_description}, seed {seed}"
     progress(f"writing {case.volume.shape[0]} slices, ground truth{' and preview' if preview else ''}")
     written = write_case(
-        case, out_dir, identity, acquisition, case_info=info, uid_seed=f"cad-node synth {info['kind']} {seed}", preview=preview
+        case,
+        out_dir,
+        identity,
+        acquisition,
+        case_info=info,
+        uid_seed=f"cad-node synth {info['kind']} {seed}",
+        preview=preview,
     )
     return SynthesisResult(
         series_files=written.series_files,
@@ -177,21 +191,24 @@ def _real_marks(background: Path, series: CtSeries) -> list[IgnoreMark]:
     """Every reader mark of an LIDC series (nodules of any size, non-nodules): no synthetic nodule goes
     there, and an evaluation counts a detection there as neither hit nor false positive."""
     try:
-        find_lidc_xml(background, series.series_instance_uid)
+        xml = find_lidc_xml(background, series.series_instance_uid)
     except LidcError:
         return []
-    lidc = build_lidc_case(
-        parse_lidc_xml(find_lidc_xml(background, series.series_instance_uid)), series.volume, series.sop_instance_uids
-    )
+    lidc = build_lidc_case(parse_lidc_xml(xml), series.volume, series.sop_instance_uids)
     real = [
-        IgnoreMark(centre_mm=tuple(n.centre_xyz), kind=f"real nodule, {n.reader_count} readers", diameter_mm=n.long_axis_mm)  # type: ignore[arg-type]
+        IgnoreMark(
+            centre_mm=(float(n.centre_xyz[0]), float(n.centre_xyz[1]), float(n.centre_xyz[2])),
+            kind=f"real nodule, {n.reader_count} readers",
+            diameter_mm=n.long_axis_mm,
+        )
         for n in lidc.nodules
     ]
     return real + list(lidc.ignore_marks(min_readers=1))
 
 
 def _summary(case: Case) -> str:
-    lines = [f"{'#':>2}  {'type':<12} {'shape':<10} {'location':<13} {'long x short mm':>15} {'HU':>6} {'Lung-RADS':>9}  centre (mm)"]
+    header = f"{'#':>2}  {'type':<12} {'shape':<10} {'location':<13} {'long x short mm':>15} {'HU':>6}"
+    lines = [f"{header} {'Lung-RADS':>9}  centre (mm)"]
     for n in case.nodules:
         centre = ", ".join(f"{v:.1f}" for v in n.centre_mm)
         lines.append(

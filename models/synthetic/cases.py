@@ -170,7 +170,9 @@ def _truth(
     lung = lungs[box] > 0
     body = _largest_component(rendered.body_mask)
     mask = BoxMask.from_full(body, rendered.offset)
-    core = None if rendered.core_mask is None else BoxMask.from_full(rendered.core_mask & body, rendered.offset)
+    core = (
+        None if rendered.core_mask is None else BoxMask.from_full(rendered.core_mask & body, rendered.offset)
+    )
     lung_label = (
         int(np.bincount(lungs[box][body].ravel(), minlength=6)[1:].argmax()) + 1 if lung[body].any() else 0
     )
@@ -200,5 +202,3 @@ def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     return labels == int(np.argmax(sizes)) + 1
-
-
