@@ -10,6 +10,7 @@ $(SETUP): pyproject.toml deploy/install.sh
 
 # Until the node's listener lands, running the node means making a case with known nodules.
 run: $(SETUP)
+	rm -rf var/demo-case
 	$(VENV)/bin/cad-node synth --out var/demo-case --seed 1 --nodules 5 --preview
 
 test: $(SETUP)
