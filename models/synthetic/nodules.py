@@ -248,7 +248,8 @@ def _inside_shape(
     squared = np.einsum("...i,...i->...", local, local)
     distance = np.sqrt(squared)
     unit = local / np.maximum(distance, 1e-6)[..., None]
-    ellipsoid_radius = radius_mm / np.sqrt(((unit / np.asarray(ratios, dtype=np.float32)) ** 2).sum(axis=-1))
+    scaled = ((unit / np.asarray(ratios, dtype=np.float32)) ** 2).sum(axis=-1)
+    ellipsoid_radius = radius_mm / np.sqrt(np.maximum(scaled, 1e-12))
     bulge = np.ones_like(distance)
     for lobe in lobes:
         bulge += lobe.amplitude * np.clip(unit @ np.asarray(lobe.direction, dtype=np.float32), 0, None) ** 6

@@ -1,0 +1,77 @@
+"""Preprocessing as the field does it: resampling to a fixed spacing (SimpleITK), HU windowing and
+normalisation, and the box of the lungs that restricts the search."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from models.volume import Volume
+
+DETECTION_SPACING_MM = 1.0
+HU_WINDOW = (-1000.0, 400.0)
+AIR_HU = -1024.0
+
+
+def to_sitk(volume: Volume) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu, dtype=np.float32))
+    image.SetSpacing(tuple(float(s) for s in reversed(volume.spacing)))
+    image.SetOrigin(tuple(float(v) for v in volume.origin))
+    image.SetDirection(tuple(float(v) for v in volume.direction[:, ::-1].ravel()))
+    return image
+
+
+def resample_grid(volume: Volume, spacing_mm: float) -> Volume:
+    """An empty volume on an isotropic grid of `spacing_mm` covering the same physical extent, with
+    the same origin and direction."""
+    extent = (np.asarray(volume.shape) - 1) * np.asarray(volume.spacing)
+    shape = tuple(int(n) for n in np.floor(extent / spacing_mm).astype(int) + 1)
+    return Volume(
+        hu=np.empty(shape, np.float32),
+        spacing=(spacing_mm, spacing_mm, spacing_mm),
+        origin=volume.origin,
+        direction=volume.direction,
+    )
+
+
+def resample(
+    volume: Volume, spacing_mm: float = DETECTION_SPACING_MM, *, linear: bool = True, default: float = AIR_HU
+) -> Volume:
+    """The volume on an isotropic grid of `spacing_mm` (linear interpolation, or nearest neighbour for
+    label maps)."""
+    target = resample_grid(volume, spacing_mm)
+    return resample_onto(volume, target, linear=linear, default=default)
+
+
+def resample_onto(volume: Volume, target: Volume, *, linear: bool = True, default: float = AIR_HU) -> Volume:
+    """`volume`'s voxels interpolated at the voxel centres of `target`'s grid."""
+    reference = sitk.Image([int(n) for n in reversed(target.shape)], sitk.sitkFloat32)
+    reference.SetSpacing(tuple(float(s) for s in reversed(target.spacing)))
+    reference.SetOrigin(tuple(float(v) for v in target.origin))
+    reference.SetDirection(tuple(float(v) for v in target.direction[:, ::-1].ravel()))
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    result = sitk.Resample(
+        to_sitk(volume), reference, sitk.Transform(), interpolator, float(default), sitk.sitkFloat32
+    )
+    return target.with_hu(sitk.GetArrayFromImage(result))
+
+
+def normalise(hu: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    """HU windowed to the lung and soft-tissue range and scaled to 0..1."""
+    low, high = HU_WINDOW
+    return np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def lung_box(
+    lungs: npt.NDArray[np.generic], spacing: tuple[float, float, float], margin_mm: float = 10.0
+) -> tuple[slice, slice, slice]:
+    """The bounding box of the lung mask, widened by `margin_mm` and clipped to the volume."""
+    nonzero = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(len(n) == 0 for n in nonzero):
+        raise ValueError("the lung mask is empty")
+    margin = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
+    return tuple(  # type: ignore[return-value]
+        slice(max(0, int(n[0]) - m), min(size, int(n[-1]) + 1 + m))
+        for n, m, size in zip(nonzero, margin, lungs.shape, strict=True)
+    )

@@ -1,0 +1,107 @@
+"""Resampling keeps patient positions; normalisation windows HU; patches land where they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.characterisation import characterise, location
+from models.measurements import BoxMask
+from models.preprocessing import lung_box, normalise, resample, resample_onto
+from models.training_data import crop, heatmap_sigma_mm, patch_grid, segmentation_sample
+from models.volume import Volume
+
+
+def ball_volume(radius_mm: float = 5.0, hu: float = 40.0) -> tuple[Volume, BoxMask]:
+    spacing = (2.5, 0.7, 0.7)
+    kji = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 80, 80)], indexing="ij"), axis=-1)
+    centre = np.array([15, 40, 40])
+    inside = np.linalg.norm((kji - centre) * np.asarray(spacing), axis=-1) <= radius_mm
+    image = np.full((30, 80, 80), -850.0, np.float32)
+    image[inside] = hu
+    return Volume(hu=image, spacing=spacing, origin=(-20.0, 10.0, -100.0)), BoxMask.from_full(inside)
+
+
+def test_resample_keeps_positions_and_extent() -> None:
+    volume, _ = ball_volume()
+    work = resample(volume, 1.0)
+    assert work.spacing == (1.0, 1.0, 1.0)
+    assert work.shape == (73, 56, 56)
+    np.testing.assert_allclose(work.origin, volume.origin)
+    centre_mm = volume.index_to_patient((15, 40, 40))
+    assert work.hu[work.nearest_index(centre_mm)] == pytest.approx(40.0)
+    back = resample_onto(work, volume)
+    assert back.hu[15, 40, 40] == pytest.approx(40.0)
+
+
+def test_resample_nearest_for_labels() -> None:
+    volume, mask = ball_volume()
+    labels = volume.with_hu(mask.full(volume.shape).astype(np.float32) * 3)
+    work = resample(labels, 1.0, linear=False, default=0.0)
+    assert set(np.unique(work.hu)) == {0.0, 3.0}
+
+
+def test_normalise_window() -> None:
+    assert normalise(np.array([-2000.0, -1000.0, -300.0, 400.0, 3000.0])).tolist() == pytest.approx(
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+    )
+
+
+def test_lung_box_with_margin() -> None:
+    lungs = np.zeros((20, 30, 30), np.uint8)
+    lungs[5:10, 10:12, 3:4] = 1
+    box = lung_box(lungs, (1.0, 1.0, 1.0), margin_mm=2.0)
+    assert box == (slice(3, 12), slice(8, 14), slice(1, 6))
+
+
+def test_crop_pads_beyond_the_edge() -> None:
+    array = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
+    patch = crop(array, (0, 0, 0), 4, -1)
+    assert patch.shape == (4, 4, 4)
+    assert patch[2, 2, 2] == 0 and patch[0, 0, 0] == -1 and patch[3, 3, 3] == array[1, 1, 1]
+
+
+def test_segmentation_sample_is_centred_on_the_nodule() -> None:
+    volume, mask = ball_volume(radius_mm=6.0)
+    centre = volume.index_to_patient((15, 40, 40))
+    image, target = segmentation_sample(volume, mask, centre)
+    assert image.shape == target.shape == (48, 48, 48)
+    assert target[24, 24, 24] and not target[0, 0, 0]
+    grid = patch_grid(volume, centre, 48, 0.75)
+    np.testing.assert_allclose(grid.index_to_patient((23.5, 23.5, 23.5)), centre, atol=1e-6)
+    # the resampled ball keeps its volume within 15 %
+    assert target.sum() * 0.75**3 == pytest.approx(4 / 3 * np.pi * 6.0**3, rel=0.15)
+    assert image[24, 24, 24] == 40
+
+
+def test_heatmap_sigma_grows_with_size_within_bounds() -> None:
+    assert heatmap_sigma_mm(3) == 1.5 and heatmap_sigma_mm(12) == 3.0 and heatmap_sigma_mm(40) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("hu", "expected"), [(40.0, "solid"), (-600.0, "ground-glass"), (600.0, "calcified")]
+)
+def test_characterise_uniform_nodules(hu: float, expected: str) -> None:
+    volume, mask = ball_volume(radius_mm=6.0, hu=hu)
+    assert characterise(mask, volume, 12.0).nodule_type == expected
+
+
+def test_characterise_part_solid_measures_the_solid_part() -> None:
+    volume, mask = ball_volume(radius_mm=8.0, hu=-600.0)
+    core, _ = ball_volume(radius_mm=3.0, hu=30.0)
+    image = volume.hu.copy()
+    image[core.hu > 0] = 30.0
+    character = characterise(mask, volume.with_hu(image), 16.0)
+    assert character.nodule_type == "part-solid"
+    assert character.solid_part_mm == pytest.approx(6.0, abs=1.5)
+
+
+def test_location_side_and_zone() -> None:
+    volume = Volume(
+        hu=np.zeros((30, 20, 20), np.float32), spacing=(10.0, 10.0, 10.0), origin=(-100.0, -100.0, -300.0)
+    )
+    lungs = np.zeros(volume.shape, np.uint8)
+    lungs[:, 5:15, 2:8] = 1  # x < 0: patient's right
+    lungs[:, 5:15, 12:18] = 2
+    assert location((-50.0, 0.0, -280.0), lungs, volume) == ("right", "lower")
+    assert location((60.0, 0.0, -20.0), lungs, volume) == ("left", "upper")
