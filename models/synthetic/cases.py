@@ -122,23 +122,23 @@ def insert_into_real(
 def _place_and_render(
     spec: NoduleSpec, context: PlacementContext, rng: np.random.Generator, blur_mm: float
 ) -> tuple[RenderedNodule, NoduleSpec]:
-    """Place the nodule, smaller ones first where a large one finds no room."""
-    for _ in range(4):
+    """Place and draw the nodule. Where a large one finds no room, a smaller one of its kind goes in;
+    a spot where nothing of the nodule stays inside the lung is given up for another."""
+    for _ in range(8):
         try:
             placement = place(spec, context, rng)
-            break
         except PlacementError:
             if spec.diameter_mm <= 6:
                 raise
-            spec = dataclasses.replace(
-                spec, diameter_mm=spec.diameter_mm * 0.7, spicules=(), lobes=spec.lobes
-            )
-    else:
-        raise PlacementError(f"no room for a {spec.location} nodule in these lungs")
-    if placement.rotation is not None:
-        spec = dataclasses.replace(spec, rotation=tuple(placement.rotation.ravel().tolist()))
-    rendered = render(spec, placement.centre_mm, context.volume, rng, in_plane_blur_mm=blur_mm)
-    return _within_lungs(rendered, context.lungs), spec
+            spec = dataclasses.replace(spec, diameter_mm=spec.diameter_mm * 0.7, spicules=())
+            continue
+        if placement.rotation is not None:
+            spec = dataclasses.replace(spec, rotation=tuple(placement.rotation.ravel().tolist()))
+        rendered = render(spec, placement.centre_mm, context.volume, rng, in_plane_blur_mm=blur_mm)
+        rendered = _within_lungs(rendered, context.lungs)
+        if rendered.body_mask.any():
+            return rendered, spec
+    raise PlacementError(f"no room for a {spec.location} nodule in these lungs")
 
 
 def _within_lungs(rendered: RenderedNodule, lungs: npt.NDArray[np.uint8]) -> RenderedNodule:

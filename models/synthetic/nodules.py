@@ -225,11 +225,17 @@ def render(
         offset=(int(low[0]), int(low[1]), int(low[2])),
         body=ndimage.gaussian_filter(body, sigma),
         core=None if core is None else ndimage.gaussian_filter(core, sigma),
-        body_mask=body >= 0.5,
-        core_mask=None if core is None else core >= 0.5,
+        body_mask=_extent(body),
+        core_mask=None if core is None else _extent(core),
         body_hu=(spec.body_hu + texture).astype(np.float32),
         core_hu=spec.core_hu,
     )
+
+
+def _extent(occupancy: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """The voxels a shape fills at least half of; for a shape smaller than a voxel, which may fill
+    no voxel half, the voxels it fills at least half as much as its fullest one."""
+    return occupancy >= min(0.5, 0.5 * float(occupancy.max()))
 
 
 def _box_average(fine: npt.NDArray[np.bool_], steps: npt.NDArray[np.int_]) -> npt.NDArray[np.float32]:
