@@ -1,0 +1,261 @@
+"""`analyze(volume) -> findings`: the CAD pipeline.
+
+volume -> 1 mm grid -> lungs -> candidate heatmap (sliding window) -> candidates
+       -> false-positive reduction -> segmentation (0.75 mm patch) -> mask on the series' grid
+       -> measurements, type, location, Lung-RADS suggestion
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+
+from models.characterisation import characterise, location
+from models.findings import Finding
+from models.lung_rads import lung_rads_category
+from models.lungs import segment_lungs
+from models.measurements import BoxMask, axial_diameters, volume_mm3
+from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, load_model
+from models.preprocessing import DETECTION_SPACING_MM, lung_box, normalise, resample, resample_onto
+from models.training_data import (
+    CLASSIFIER_PATCH,
+    SEGMENTATION_PATCH,
+    SEGMENTATION_SPACING_MM,
+    crop,
+    patch_grid,
+)
+from models.volume import Volume
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WINDOW = 96
+WINDOW_OVERLAP = 16
+MAX_CANDIDATES = 40
+CANDIDATE_SEPARATION_MM = 5.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    detector: float = 0.2
+    classifier: float = 0.5
+
+
+@dataclass
+class Pipeline:
+    detector: CandidateDetector
+    classifier: FalsePositiveClassifier
+    segmenter: NoduleSegmenter
+    version: str
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def load(cls, weights_dir: Path = WEIGHTS_DIR, device: str | None = None) -> Pipeline:
+        """The shipped networks; on a GPU where there is one."""
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        paths = {name: weights_dir / f"{name}.pt" for name in ("detector", "classifier", "segmenter")}
+        missing = [str(p) for p in paths.values() if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"model weights missing: {', '.join(missing)} (train them: cad-node train)"
+            )
+        detector, meta = load_model(paths["detector"], chosen)
+        classifier, _ = load_model(paths["classifier"], chosen)
+        segmenter, _ = load_model(paths["segmenter"], chosen)
+        thresholds = Thresholds(**meta.get("thresholds", {}))
+        return cls(detector, classifier, segmenter, str(meta.get("version", "unknown")), thresholds, chosen)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    findings: list[Finding]
+    candidates: int
+    seconds: dict[str, float]
+
+
+def analyze(
+    volume: Volume, pipeline: Pipeline, *, progress: Callable[[str], None] = lambda m: None
+) -> Analysis:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+        progress(f"{name}: {seconds[name]:.1f} s")
+
+    work = resample(volume, DETECTION_SPACING_MM)
+    lungs = segment_lungs(work)
+    step("preprocessing")
+    with torch.inference_mode():
+        heatmap, box = detect(work, lungs, pipeline)
+        candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
+        step("candidate detection")
+        scores = classify(work, candidates, pipeline)
+        accepted = [
+            (c, s) for c, s in zip(candidates, scores, strict=True) if s >= pipeline.thresholds.classifier
+        ]
+        step("false-positive reduction")
+        findings = []
+        for centre_kji, probability in accepted:
+            centre_mm = work.index_to_patient(centre_kji)
+            mask = segment(volume, centre_mm, pipeline)
+            if mask is not None:
+                findings.append(describe(volume, mask, probability, lungs, work))
+        step("segmentation and measurement")
+    return Analysis(findings=_without_duplicates(findings), candidates=len(candidates), seconds=seconds)
+
+
+def detect(
+    work: Volume, lungs: npt.NDArray[np.uint8], pipeline: Pipeline
+) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice]]:
+    """Nodule-centre probabilities at stride 2 over the lungs' box, window by window."""
+    box = lung_box(lungs, work.spacing)
+    region = normalise(work.hu[box])
+    shape = np.asarray(region.shape)
+    padded_shape = np.maximum(np.ceil(shape / 8).astype(int) * 8, WINDOW)
+    padded = np.zeros(tuple(padded_shape), np.float32)
+    padded[tuple(slice(0, n) for n in shape)] = region
+    heat = np.zeros(tuple(padded_shape // 2), np.float32)
+    step = WINDOW - WINDOW_OVERLAP
+    starts = [sorted({*range(0, max(1, n - WINDOW + 1), step), max(0, n - WINDOW)}) for n in padded_shape]
+    for k in starts[0]:
+        for j in starts[1]:
+            for i in starts[2]:
+                window = padded[k : k + WINDOW, j : j + WINDOW, i : i + WINDOW]
+                tensor = torch.from_numpy(np.ascontiguousarray(window))[None, None].to(pipeline.device)
+                probability = torch.sigmoid(pipeline.detector(tensor))[0, 0].float().cpu().numpy()
+                target = heat[
+                    k // 2 : (k + WINDOW) // 2, j // 2 : (j + WINDOW) // 2, i // 2 : (i + WINDOW) // 2
+                ]
+                np.maximum(target, probability, out=target)
+    return heat[tuple(slice(0, (n + 1) // 2) for n in shape)], box
+
+
+def candidate_points(
+    heatmap: npt.NDArray[np.float32],
+    box: tuple[slice, slice, slice],
+    lungs: npt.NDArray[np.uint8],
+    threshold: float,
+) -> list[npt.NDArray[np.float64]]:
+    """Local maxima of the heatmap above the detector threshold, in the (slightly widened) lungs, as
+    indices of the 1 mm grid, the most probable first."""
+    peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold)
+    indices = np.argwhere(peaks)
+    order = np.argsort(heatmap[tuple(indices.T)])[::-1]
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    near_lung = ndimage.binary_dilation(lungs[box] > 0, iterations=4)
+    points: list[npt.NDArray[np.float64]] = []
+    for index in indices[order]:
+        kji = index * 2 + 0.5
+        inside = np.clip(np.rint(kji).astype(int), 0, np.asarray(near_lung.shape) - 1)
+        if not near_lung[tuple(inside)]:
+            continue
+        point = kji + offset
+        if all(np.linalg.norm(point - p) >= CANDIDATE_SEPARATION_MM for p in points):
+            points.append(point)
+        if len(points) >= MAX_CANDIDATES:
+            break
+    return points
+
+
+def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: Pipeline) -> list[float]:
+    if not candidates:
+        return []
+    patches = np.stack([normalise(crop(work.hu, c, CLASSIFIER_PATCH, -1024.0)) for c in candidates])
+    tensor = torch.from_numpy(patches[:, None]).to(pipeline.device)
+    return torch.sigmoid(pipeline.classifier(tensor)).reshape(-1).float().cpu().tolist()
+
+
+def segment(volume: Volume, centre_mm: npt.NDArray[np.float64], pipeline: Pipeline) -> BoxMask | None:
+    """The nodule's mask on the series' own grid: the segmenter's probability on a 0.75 mm patch,
+    interpolated back onto the series' voxels and cut at 0.5; the part connected to the centre."""
+    grid = patch_grid(volume, centre_mm, SEGMENTATION_PATCH, SEGMENTATION_SPACING_MM)
+    image = normalise(resample_onto(volume, grid).hu)
+    tensor = torch.from_numpy(image[None, None]).to(pipeline.device)
+    probability = torch.sigmoid(pipeline.segmenter(tensor))[0, 0].float().cpu().numpy()
+    target = _series_box(volume, centre_mm, SEGMENTATION_PATCH * SEGMENTATION_SPACING_MM / 2)
+    on_series = resample_onto(grid.with_hu(probability), target[1], default=0.0).hu >= 0.5
+    labels, count = ndimage.label(on_series)
+    if count == 0:
+        return None
+    centre_local = np.clip(
+        np.rint(target[1].patient_to_index(centre_mm)).astype(int), 0, np.asarray(on_series.shape) - 1
+    )
+    label = labels[tuple(centre_local)]
+    if label == 0:
+        label = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    local = BoxMask.from_full(labels == label)
+    offset = tuple(int(a + b) for a, b in zip(local.offset, target[0], strict=True))
+    return BoxMask(offset=offset, array=local.array)  # type: ignore[arg-type]
+
+
+def _series_box(
+    volume: Volume, centre_mm: npt.NDArray[np.float64], half_mm: float
+) -> tuple[tuple[int, int, int], Volume]:
+    """The part of the series' grid within `half_mm` of the centre: its offset and an empty volume on it."""
+    centre = volume.patient_to_index(centre_mm)
+    half = np.ceil(half_mm / np.asarray(volume.spacing)).astype(int)
+    low = np.maximum(np.floor(centre).astype(int) - half, 0)
+    high = np.minimum(np.ceil(centre).astype(int) + half + 1, np.asarray(volume.shape))
+    origin = volume.index_to_patient(low)
+    box = Volume(
+        hu=np.empty(tuple(int(n) for n in high - low), np.float32),
+        spacing=volume.spacing,
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=volume.direction,
+    )
+    return (int(low[0]), int(low[1]), int(low[2])), box
+
+
+def describe(
+    volume: Volume, mask: BoxMask, probability: float, lungs: npt.NDArray[np.uint8], work: Volume
+) -> Finding:
+    axial = axial_diameters(mask, volume.spacing)
+    hu = volume.hu[mask.slices()][mask.array]
+    character = characterise(mask, volume, axial.mean_diameter_mm)
+    side, zone = location(volume.index_to_patient(mask.centroid_kji()), lungs, work)
+
+    def mm(kji: Any) -> tuple[float, float, float]:
+        xyz = volume.index_to_patient(kji)
+        return float(xyz[0]), float(xyz[1]), float(xyz[2])
+
+    return Finding(
+        centre_mm=mm(mask.centroid_kji()),
+        probability=float(probability),
+        long_axis_mm=axial.long_axis_mm,
+        short_axis_mm=axial.short_axis_mm,
+        volume_mm3=volume_mm3(mask, volume.spacing),
+        mean_hu=float(hu.mean()),
+        max_hu=float(hu.max()),
+        nodule_type=character.nodule_type,
+        solid_part_mm=character.solid_part_mm,
+        side=side,
+        zone=zone,
+        lung_rads=lung_rads_category(character.nodule_type, axial.mean_diameter_mm, character.solid_part_mm),
+        axial_slice_index=axial.slice_index,
+        long_axis_ends_mm=(mm(axial.long_axis_ends[0]), mm(axial.long_axis_ends[1])),
+        short_axis_ends_mm=(mm(axial.short_axis_ends[0]), mm(axial.short_axis_ends[1])),
+        mask=mask,
+    )
+
+
+def _without_duplicates(findings: list[Finding]) -> list[Finding]:
+    """Two candidates on one nodule give two overlapping masks: keep the more probable."""
+    kept: list[Finding] = []
+    for finding in sorted(findings, key=lambda f: f.probability, reverse=True):
+        if all(
+            np.linalg.norm(np.subtract(finding.centre_mm, k.centre_mm)) > max(k.mean_diameter_mm / 2, 3.0)
+            for k in kept
+        ):
+            kept.append(finding)
+    return kept
