@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -76,3 +79,123 @@ def synth(
     if written.preview is not None:
         click.echo(f"preview: {written.preview}")
     click.echo(f"done in {time.perf_counter() - started:.1f} s")
+
+
+def _echo_progress(started: float) -> Callable[[str], None]:
+    return lambda message: click.echo(f"[{time.perf_counter() - started:7.1f} s] {message}", err=True)
+
+
+@main.command()
+@click.argument("series_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for findings.json."
+)
+@click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
+def analyze(series_dir: Path, out_dir: Path, device: str | None) -> None:
+    """Run the shipped pipeline on a CT series and write DIR/findings.json."""
+    from models.pipeline import Pipeline
+    from models.pipeline import analyze as run_pipeline
+    from models.series_loading import SeriesError, load_series
+
+    started = time.perf_counter()
+    progress = _echo_progress(started)
+    try:
+        series = load_series(series_dir)
+    except SeriesError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    pipeline = Pipeline.load(device=device)
+    progress(f"model {pipeline.version} on {pipeline.device}; series of {series.volume.shape[0]} slices")
+    analysis = run_pipeline(series.volume, pipeline, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "model_version": pipeline.version,
+        "series_instance_uid": series.series_instance_uid,
+        "coordinates": "DICOM patient coordinates (LPS), millimetres",
+        "candidates": analysis.candidates,
+        "seconds": analysis.seconds,
+        "findings": [finding.to_json() for finding in analysis.findings],
+    }
+    path = out_dir / "findings.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    for number, finding in enumerate(analysis.findings, start=1):
+        centre = ", ".join(f"{v:.1f}" for v in finding.centre_mm)
+        click.echo(
+            f"{number:>2}  p={finding.probability:.2f}  {finding.nodule_type:<12} "
+            f"{finding.long_axis_mm:5.1f} x {finding.short_axis_mm:<5.1f} mm  {finding.side} {finding.zone}  "
+            f"Lung-RADS {finding.lung_rads} (suggestion)  ({centre})"
+        )
+    click.echo(f"{len(analysis.findings)} findings in {path} ({time.perf_counter() - started:.1f} s)")
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("var/training"),
+    show_default=True,
+    help="Where the training shards, checkpoints, logs and curves go.",
+)
+@click.option("--networks", default="detector,classifier,segmenter", show_default=True)
+@click.option("--pretrain-epochs", type=int, help="Epochs on synthetic cases.")
+@click.option("--finetune-epochs", type=int, help="Epochs on insertions into real CT.")
+@click.option(
+    "--compare-scratch/--no-compare-scratch",
+    default=True,
+    show_default=True,
+    help="Also train on insertions alone, to measure what synthetic pretraining brings.",
+)
+@click.option(
+    "--ship/--no-ship", default=True, show_default=True, help="Copy the best weights into the package."
+)
+def train(
+    data_dir: Path,
+    networks: str,
+    pretrain_epochs: int | None,
+    finetune_epochs: int | None,
+    compare_scratch: bool,
+    ship: bool,
+) -> None:
+    """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
+    nodules inserted into the LIDC backgrounds."""
+    from models.training_runs import Budget, train_all
+
+    started = time.perf_counter()
+    budget = Budget()
+    budget = Budget(
+        pretrain_epochs=pretrain_epochs or budget.pretrain_epochs,
+        finetune_epochs=finetune_epochs or budget.finetune_epochs,
+    )
+    summary = train_all(
+        data_dir,
+        [n.strip() for n in networks.split(",")],
+        budget,
+        compare_scratch=compare_scratch,
+        ship_weights=ship,
+        progress=_echo_progress(started),
+    )
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default=Path("var/evaluation"), show_default=True
+)
+@click.option("--cases", "max_cases", type=int, help="Evaluate on the first N held-out cases only.")
+@click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
+def evaluate(out_dir: Path, max_cases: int | None, device: str | None) -> None:
+    """Evaluate the shipped pipeline: FROC, CPM, F1, Dice and size errors on held-out cases by type and
+    size, and the LUNA16 listing of the two real LIDC scans."""
+    from models.evaluation_runs import evaluate_pipeline
+    from models.pipeline import Pipeline
+
+    started = time.perf_counter()
+    pipeline = Pipeline.load(device=device)
+    output = evaluate_pipeline(pipeline, out_dir, max_cases=max_cases, progress=_echo_progress(started))
+    click.echo(f"model {pipeline.version}, operating point p >= {pipeline.thresholds.classifier}")
+    click.echo(output.held_out.format_table())
+    for listing in output.lidc_listings:
+        click.echo(listing)
+    seconds = output.seconds_per_scan
+    click.echo(f"pipeline time per scan: median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s")
+    click.echo("files: " + ", ".join(str(p) for p in output.files))

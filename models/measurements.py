@@ -103,7 +103,8 @@ def axial_diameters(mask: BoxMask, spacing: tuple[float, float, float]) -> Axial
     across = np.array([-along[1], along[0]])
     projection = hull @ across
     low, high = int(np.argmin(projection)), int(np.argmax(projection))
-    short_axis = float(projection[high] - projection[low])
+    # The caliper width across can exceed the diagonal by rounding, for a square.
+    short_axis = min(float(projection[high] - projection[low]), long_axis)
     # The short axis is drawn through the middle of the long axis, across the full width.
     middle = (hull[a] + hull[b]) / 2
     middle_offset = middle @ across

@@ -96,25 +96,25 @@ def analyze(
     work = resample(volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
     step("preprocessing")
-    with torch.inference_mode():
-        heatmap, box = detect(work, lungs, pipeline)
-        candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
-        step("candidate detection")
-        scores = classify(work, candidates, pipeline)
-        accepted = [
-            (c, s) for c, s in zip(candidates, scores, strict=True) if s >= pipeline.thresholds.classifier
-        ]
-        step("false-positive reduction")
-        findings = []
-        for centre_kji, probability in accepted:
-            centre_mm = work.index_to_patient(centre_kji)
-            mask = segment(volume, centre_mm, pipeline)
-            if mask is not None:
-                findings.append(describe(volume, mask, probability, lungs, work))
-        step("segmentation and measurement")
+    heatmap, box = detect(work, lungs, pipeline)
+    candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
+    step("candidate detection")
+    scores = classify(work, candidates, pipeline)
+    accepted = [
+        (c, s) for c, s in zip(candidates, scores, strict=True) if s >= pipeline.thresholds.classifier
+    ]
+    step("false-positive reduction")
+    findings = []
+    for centre_kji, probability in accepted:
+        centre_mm = work.index_to_patient(centre_kji)
+        mask = segment(volume, centre_mm, pipeline)
+        if mask is not None:
+            findings.append(describe(volume, mask, probability, lungs, work))
+    step("segmentation and measurement")
     return Analysis(findings=_without_duplicates(findings), candidates=len(candidates), seconds=seconds)
 
 
+@torch.inference_mode()
 def detect(
     work: Volume, lungs: npt.NDArray[np.uint8], pipeline: Pipeline
 ) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice]]:
@@ -168,6 +168,7 @@ def candidate_points(
     return points
 
 
+@torch.inference_mode()
 def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: Pipeline) -> list[float]:
     if not candidates:
         return []
@@ -176,6 +177,7 @@ def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: 
     return torch.sigmoid(pipeline.classifier(tensor)).reshape(-1).float().cpu().tolist()
 
 
+@torch.inference_mode()
 def segment(volume: Volume, centre_mm: npt.NDArray[np.float64], pipeline: Pipeline) -> BoxMask | None:
     """The nodule's mask on the series' own grid: the segmenter's probability on a 0.75 mm patch,
     interpolated back onto the series' voxels and cut at 0.5; the part connected to the centre."""

@@ -1,0 +1,151 @@
+"""`cad-node evaluate`: the shipped pipeline on held-out cases (seeds and positions training never
+saw) and on the two real LIDC scans, with the report, the FROC plot and overlays of hits, misses and
+false positives."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.datasets import LIDC_CASES, Backgrounds, lidc_series_dir, make_case, split_sources
+from models.evaluation import (
+    EvaluationReport,
+    Outcome,
+    ScanMatch,
+    ScanTruth,
+    Target,
+    detection_listing,
+    evaluate,
+    match_scan,
+    plot_froc,
+)
+from models.findings import Finding
+from models.lidc import read_lidc_case
+from models.pipeline import Analysis, Pipeline, analyze
+from models.preview import PreviewItem, nodule_montage
+from models.synthetic.cases import Case
+from models.volume import Volume
+
+
+@dataclass(frozen=True)
+class EvaluationOutput:
+    held_out: EvaluationReport
+    lidc_listings: list[str]
+    seconds_per_scan: list[float]
+    files: list[Path]
+
+
+def truth_of(case: Case, case_id: str) -> ScanTruth:
+    targets = [
+        Target(
+            label=n.label,
+            centre_mm=n.centre_mm,
+            mean_diameter_mm=n.mean_diameter_mm,
+            volume_mm3=n.volume_mm3,
+            nodule_type=n.nodule_type,
+            mask=n.mask,
+            long_axis_mm=n.long_axis_mm,
+        )
+        for n in case.nodules
+    ]
+    return ScanTruth(case_id=case_id, targets=targets, ignore=list(case.ignore))
+
+
+def evaluate_pipeline(
+    pipeline: Pipeline,
+    out_dir: Path,
+    *,
+    max_cases: int | None = None,
+    threshold: float | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> EvaluationOutput:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = split_sources("test")
+    if max_cases is not None:
+        synthetic = [s for s in sources if s.kind == "synthetic"]
+        inserted = [s for s in sources if s.kind == "insertion"]
+        half = max(1, max_cases // 2)
+        sources = synthetic[: max_cases - min(half, len(inserted))] + inserted[:half]
+    backgrounds = Backgrounds()
+    scans: list[tuple[ScanTruth, list[Finding]]] = []
+    seconds = []
+    overlays = []
+    for index, source in enumerate(sources, start=1):
+        progress(f"held-out case {index}/{len(sources)}: {source.name}")
+        case = make_case(source, backgrounds)
+        analysis = analyze(case.volume, pipeline)
+        seconds.append(sum(analysis.seconds.values()))
+        truth = truth_of(case, source.name)
+        scans.append((truth, analysis.findings))
+        if len(overlays) < 4:
+            overlays.append(
+                _overlay(case.volume, truth, analysis, out_dir / f"overlay-{source.name}.png", pipeline)
+            )
+    report = evaluate(scans, threshold=pipeline.thresholds.classifier if threshold is None else threshold)
+    files = [out_dir / "froc.png", out_dir / "report.json", *overlays]
+    plot_froc(report, files[0], groups=["all", ">= 6 mm"])
+    listings = []
+    for name in LIDC_CASES:
+        progress(f"real case {name}")
+        lidc = read_lidc_case(lidc_series_dir(name))
+        analysis = analyze(lidc.volume, pipeline)
+        seconds.append(sum(analysis.seconds.values()))
+        truth = ScanTruth.from_lidc(lidc)
+        match = match_scan(truth, analysis.findings)
+        listings.append(f"{name}\n{detection_listing(match)}")
+        files.append(_overlay(lidc.volume, truth, analysis, out_dir / f"overlay-{name}.png", pipeline, match))
+    files[1].write_text(
+        json.dumps({"held_out": report.to_json(), "lidc": listings, "seconds_per_scan": seconds}, indent=2)
+        + "\n"
+    )
+    return EvaluationOutput(held_out=report, lidc_listings=listings, seconds_per_scan=seconds, files=files)
+
+
+def _overlay(
+    volume: Volume,
+    truth: ScanTruth,
+    analysis: Analysis,
+    path: Path,
+    pipeline: Pipeline,
+    match: ScanMatch | None = None,
+) -> Path:
+    """Each target (green: found, red: missed) and each false positive (orange) on its axial slice."""
+    match = match or match_scan(truth, analysis.findings)
+    items = []
+    for target, result in zip(truth.targets, match.targets, strict=True):
+        found = result.found_at(pipeline.thresholds.classifier)
+        items.append(
+            PreviewItem(
+                label=f"target {target.label} {target.nodule_type} {target.mean_diameter_mm:.1f} mm: "
+                + ("found" if found else "missed"),
+                centre_kji=tuple(volume.patient_to_index(target.centre_mm)),  # type: ignore[arg-type]
+                outline=None if target.mask is None else _slice_outline(target, volume),
+                colour="lime" if found else "red",
+            )
+        )
+    for finding, outcome in zip(analysis.findings, match.outcomes, strict=True):
+        if outcome.outcome is Outcome.FALSE_POSITIVE:
+            k = finding.axial_slice_index
+            items.append(
+                PreviewItem(
+                    label=f"false positive p={finding.probability:.2f} {finding.mean_diameter_mm:.1f} mm",
+                    centre_kji=(float(k), *volume.patient_to_index(finding.centre_mm)[1:]),
+                    outline=finding.mask.full(volume.shape)[k],
+                    colour="orange",
+                )
+            )
+    if not items:
+        items.append(
+            PreviewItem(label="no targets, no detections", centre_kji=tuple(np.asarray(volume.shape) / 2))
+        )  # type: ignore[arg-type]
+    return nodule_montage(volume, items[:16], path, title=f"{truth.case_id}: hits, misses, false positives")
+
+
+def _slice_outline(target: Target, volume: Volume) -> np.ndarray:
+    k = int(np.rint(volume.patient_to_index(target.centre_mm)[0]))
+    assert target.mask is not None
+    return target.mask.full(volume.shape)[k]

@@ -1,0 +1,308 @@
+"""A small, generic training loop for the project's networks.
+
+``train(model, train_data, val_data, loss_fn=..., metric_fn=..., config=..., out_dir=...)`` runs Adam
+for ``config.epochs`` epochs, validates after each, keeps the best checkpoint by the validation
+metric (higher is better), stops early when it has not improved for ``config.patience`` epochs, and
+writes to ``out_dir``:
+
+- ``best.pt`` and ``last.pt``: ``models.networks.save_model`` checkpoints; ``last.pt`` (always
+  float32) also holds the optimizer state and history under ``metadata["training_state"]``, from
+  which ``resume`` goes on;
+- ``log.jsonl``: one line per epoch (epoch, train_loss, val_loss, val_metric, lr, seconds);
+- ``curves.png``: losses and the metric per epoch.
+
+Data are torch Datasets of ``(input, target)`` pairs (or DataLoaders yielding such batches, used as
+they are). Reproducibility: torch, numpy and random are seeded from ``(seed, epoch)`` at the start of
+every epoch, and loader workers from their torch seed, so a resumed run repeats the epochs an
+uninterrupted one would have run. A dataset that augments should draw from numpy's global generator
+or from one seeded by ``torch.initial_seed()`` in its worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.networks import load_model, save_model
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+MetricFn = Callable[[Tensor, Tensor], float]
+Data = Dataset | DataLoader
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: from lr to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    patience: int | None = 10  # epochs without improvement before stopping; None: never stop early
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    seed: int = 0
+    num_workers: int = 0
+    device: str | None = None  # None: CUDA when available, else CPU
+    amp: bool = True  # bfloat16 autocast, on CUDA only
+    deterministic: bool = True  # cuDNN deterministic algorithms, no autotuning
+    progress: bool | None = None  # tqdm bar per epoch; None: only when stderr is a terminal
+    resume: bool = False  # go on from out_dir/last.pt when it exists
+    half_checkpoints: bool = False  # float16 weights in best.pt
+    metadata: dict[str, Any] = field(default_factory=dict)  # version, data description: into checkpoints
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int  # the last epoch trained, counting those of a resumed run
+    stopped_early: bool
+    best_path: Path
+    last_path: Path
+    log_path: Path
+    curves_path: Path
+    history: list[dict[str, float]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed_everything(torch.initial_seed() % 2**32)
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _loader(data: Data, config: TrainConfig, shuffle: bool, device: torch.device) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(
+        data,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        num_workers=config.num_workers,
+        worker_init_fn=_seed_worker,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _lr_at(epoch: int, config: TrainConfig) -> float:
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (epoch - 1) / max(config.epochs - 1, 1)
+    ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * ratio
+
+
+def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    config: TrainConfig,
+    bar: tqdm,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with _autocast(device, config):
+            loss = loss_fn(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(inputs)
+        count += len(inputs)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _validate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    metric_fn: MetricFn,
+    device: torch.device,
+    config: TrainConfig,
+) -> tuple[float, float]:
+    model.eval()
+    outputs, targets, total = [], [], 0.0
+    for inputs, target in loader:
+        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with _autocast(device, config):
+            output = model(inputs)
+        total += loss_fn(output, target).item() * len(inputs)
+        outputs.append(output.float().cpu())
+        targets.append(target.cpu())
+    output_all, target_all = torch.cat(outputs), torch.cat(targets)
+    return total / max(len(output_all), 1), float(metric_fn(output_all, target_all))
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
+    """Train and validation loss (left) and validation metric (right) per epoch, as a PNG."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    epochs = [h["epoch"] for h in history]
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    if all(h["train_loss"] > 0 and h["val_loss"] > 0 for h in history):
+        ax_loss.set_yscale("log")  # losses fall by orders of magnitude
+    ax_loss.legend()
+    ax_metric.plot(epochs, [h["val_metric"] for h in history], "o-", color="C2")
+    ax_metric.set(xlabel="epoch", ylabel="metric", title="Validation metric (higher is better)")
+    if best_epoch is not None:
+        for ax in (ax_loss, ax_metric):
+            ax.axvline(best_epoch, color="grey", linestyle=":")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _write_log(path: Path, history: Iterable[dict[str, float]]) -> None:
+    path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _best(history: list[dict[str, float]], min_delta: float) -> tuple[int, float, int]:
+    """(best epoch, best metric, epochs since it) of a history, as the loop would have counted them."""
+    best_epoch, best_metric, stale = 0, -math.inf, 0
+    for h in history:
+        if h["val_metric"] > best_metric + min_delta:  # NaN never improves
+            best_epoch, best_metric, stale = int(h["epoch"]), h["val_metric"], 0
+        else:
+            stale += 1
+    return best_epoch, best_metric, stale
+
+
+def _resume(
+    model: nn.Module, optimizer: torch.optim.Optimizer, last_path: Path, device: torch.device
+) -> list[dict[str, float]]:
+    saved, metadata = load_model(last_path, map_location=device)
+    if type(saved) is not type(model):
+        raise TypeError(f"{last_path} holds a {type(saved).__name__}, not a {type(model).__name__}")
+    model.load_state_dict(saved.state_dict())
+    state = metadata["training_state"]
+    optimizer.load_state_dict(state["optimizer"])
+    return list(state["history"])
+
+
+def _epoch_bar(config: TrainConfig, loader: DataLoader, epoch: int) -> tqdm:
+    disable = not sys.stderr.isatty() if config.progress is None else not config.progress
+    total = len(loader) if isinstance(loader.dataset, Sized) else None
+    return tqdm(total=total, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=disable)
+
+
+def train(
+    model: nn.Module,
+    train_data: Data,
+    val_data: Data,
+    *,
+    loss_fn: LossFn,
+    metric_fn: MetricFn,
+    config: TrainConfig,
+    out_dir: str | Path,
+) -> TrainResult:
+    """Train ``model`` in place and return where its best epoch, checkpoints and logs are.
+
+    ``loss_fn(outputs, targets)`` is minimised; ``metric_fn(outputs, targets)`` gets all validation
+    outputs (raw logits, float32, on the CPU) and targets concatenated, and returns higher-is-better.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("best.pt", "last.pt", "log.jsonl", "curves.png")}
+    device = choose_device(config.device)
+    if config.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    seed_everything(config.seed)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    train_loader = _loader(train_data, config, shuffle=True, device=device)
+    val_loader = _loader(val_data, config, shuffle=False, device=device)
+
+    history: list[dict[str, float]] = []
+    if config.resume and paths["last.pt"].exists():
+        history = _resume(model, optimizer, paths["last.pt"], device)
+    _write_log(paths["log.jsonl"], history)
+    best_epoch, best_metric, stale = _best(history, config.min_delta)
+
+    def patience_spent() -> bool:
+        return config.patience is not None and stale >= config.patience
+
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        if patience_spent():
+            break
+        start = time.perf_counter()
+        seed_everything(config.seed * 100_003 + epoch)  # also fixes the shuffle and worker seeds
+        lr = _lr_at(epoch, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with _epoch_bar(config, train_loader, epoch) as bar:
+            train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, device, config, bar)
+        val_loss, val_metric = _validate(model, val_loader, loss_fn, metric_fn, device, config)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_metric": val_metric,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        history.append(record)
+        with paths["log.jsonl"].open("a") as log:
+            log.write(json.dumps(record) + "\n")
+
+        best_epoch, best_metric, stale = _best(history, config.min_delta)
+        metadata = {
+            **config.metadata,
+            "epoch": epoch,
+            "val_loss": val_loss,
+            "val_metric": val_metric,
+            "train_config": {k: v for k, v in asdict(config).items() if k != "metadata"},
+        }
+        if best_epoch == epoch:
+            save_model(model, paths["best.pt"], metadata, half=config.half_checkpoints)
+        training_state = {"optimizer": optimizer.state_dict(), "history": history}
+        save_model(model, paths["last.pt"], {**metadata, "training_state": training_state})
+        plot_curves(history, paths["curves.png"], best_epoch or None)
+
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_metric=best_metric,
+        epochs_run=len(history),
+        stopped_early=patience_spent() and len(history) < config.epochs,
+        best_path=paths["best.pt"],
+        last_path=paths["last.pt"],
+        log_path=paths["log.jsonl"],
+        curves_path=paths["curves.png"],
+        history=history,
+    )

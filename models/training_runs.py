@@ -1,0 +1,325 @@
+"""`cad-node train`: the three networks trained from the data layer's shards, with synthetic
+pretraining then fine-tuning on insertions into real CT (the transfer-learning step), and the
+comparison that says whether pretraining helps.
+
+Stages, each a `models.training.train` run with its own folder of checkpoints, log and curves:
+    detector:   synthetic -> insertions      (metric: average precision of centre voxels)
+    classifier: synthetic -> insertions      (metric: ROC AUC)
+    segmenter:  synthetic -> insertions      (metric: mean Dice)
+    and, for the comparison, each network trained on insertions alone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from models.augmentation import AugmentConfig, augment
+from models.networks import (
+    CandidateDetector,
+    FalsePositiveClassifier,
+    NoduleSegmenter,
+    SegmenterConfig,
+    bce_loss,
+    dice_bce_loss,
+    heatmap_loss,
+    load_model,
+    save_model,
+)
+from models.preprocessing import normalise
+from models.training import TrainConfig, TrainResult, train
+from models.training_data import Shard
+
+MODEL_VERSION = "0.1.0"
+
+
+class PatchSet(Dataset[tuple[Tensor, Tensor]]):
+    """Patches and their targets, normalised, augmented on the fly when `augmented`."""
+
+    def __init__(
+        self,
+        images: npt.NDArray[np.int16],
+        targets: npt.NDArray[np.generic],
+        kind: str,
+        *,
+        augmented: bool,
+        seed: int,
+    ) -> None:
+        self.images, self.targets, self.kind, self.augmented = images, targets, kind, augmented
+        self.rng = np.random.default_rng(seed)
+        self.config = AugmentConfig(target_kind="heatmap" if kind == "detector" else "mask")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = normalise(self.images[index])
+        if self.kind == "classifier":
+            target: npt.NDArray[np.float32] = np.asarray([self.targets[index]], np.float32)
+            if self.augmented:
+                image, _ = augment(image, np.zeros(image.shape, bool), self.rng, self.config)
+        else:
+            dense = self.targets[index]
+            dense = dense.astype(np.float32) / 255 if self.kind == "detector" else dense.astype(bool)
+            if self.augmented:
+                image, dense = augment(image, dense, self.rng, self.config)
+            target = (
+                _stride2_peaks(dense.astype(np.float32))
+                if self.kind == "detector"
+                else dense.astype(np.float32)
+            )
+            target = target[None]
+        return torch.from_numpy(np.ascontiguousarray(image[None], np.float32)), torch.from_numpy(
+            np.ascontiguousarray(target, np.float32)
+        )
+
+
+def _stride2_peaks(heatmap: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The full-resolution heatmap at the detector's stride 2 (maximum of each 2x2x2 block), with each
+    nodule's peak set to exactly 1: the positive voxel of the focal loss."""
+    shape = np.asarray(heatmap.shape) // 2
+    blocks = heatmap[: shape[0] * 2, : shape[1] * 2, : shape[2] * 2].reshape(
+        shape[0], 2, shape[1], 2, shape[2], 2
+    )
+    coarse = blocks.max(axis=(1, 3, 5))
+    peaks = (coarse == ndimage.maximum_filter(coarse, size=3)) & (coarse >= 0.5)
+    coarse[peaks] = 1.0
+    return coarse
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Average precision of the detector's centre voxels: positives are the peaks (target 1), and the
+    voxels next to a peak (0.3 < target < 1) are left out: near a centre is nearly right."""
+    score = scores.flatten().float().numpy()
+    target = targets.flatten().float().numpy()
+    keep = (target >= 0.999) | (target <= 0.3)
+    score, positive = score[keep], target[keep] >= 0.999
+    if positive.sum() == 0:
+        return 0.0
+    order = np.argsort(-score, kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].sum() / positive.sum())
+
+
+def roc_auc(logits: Tensor, targets: Tensor) -> float:
+    score, label = logits.flatten().numpy(), targets.flatten().numpy() > 0.5
+    positives, negatives = score[label], score[~label]
+    if len(positives) == 0 or len(negatives) == 0:
+        return 0.0
+    ranks = np.argsort(np.argsort(np.concatenate([positives, negatives]), kind="stable"), kind="stable") + 1
+    return float(
+        (ranks[: len(positives)].sum() - len(positives) * (len(positives) + 1) / 2)
+        / (len(positives) * len(negatives))
+    )
+
+
+def mean_dice(logits: Tensor, targets: Tensor) -> float:
+    predicted = (logits > 0).flatten(1).float()
+    truth = (targets > 0.5).flatten(1).float()
+    present = truth.sum(1) > 0
+    dice = 2 * (predicted * truth).sum(1) / (predicted.sum(1) + truth.sum(1)).clamp(min=1)
+    return float(dice[present].mean()) if present.any() else 0.0
+
+
+@dataclass(frozen=True)
+class NetworkRecipe:
+    name: str
+    make: Callable[[], nn.Module]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metric: Callable[[Tensor, Tensor], float]
+    images: str
+    targets: str
+    kind: str
+
+
+RECIPES = {
+    "detector": NetworkRecipe(
+        "detector",
+        CandidateDetector,
+        heatmap_loss,
+        lambda o, t: average_precision(torch.sigmoid(o), t),
+        "detection_images",
+        "detection_heatmaps",
+        "detector",
+    ),
+    "classifier": NetworkRecipe(
+        "classifier",
+        FalsePositiveClassifier,
+        bce_loss,
+        roc_auc,
+        "classifier_images",
+        "classifier_labels",
+        "classifier",
+    ),
+    "segmenter": NetworkRecipe(
+        "segmenter",
+        lambda: NoduleSegmenter(SegmenterConfig(channels=(8, 16, 32, 64))),
+        dice_bce_loss,
+        mean_dice,
+        "segmentation_images",
+        "segmentation_masks",
+        "segmenter",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Epochs of each stage; the defaults fit a few hours of a 2-core CPU."""
+
+    pretrain_epochs: int = 12
+    finetune_epochs: int = 8
+    batch_size: int = 8
+    lr: float = 1e-3
+    finetune_lr: float = 3e-4
+    patience: int = 4
+
+
+def _sets(
+    recipe: NetworkRecipe, train_shard: Shard, val_shard: Shard, seed: int
+) -> tuple[PatchSet, PatchSet]:
+    return (
+        PatchSet(
+            getattr(train_shard, recipe.images),
+            getattr(train_shard, recipe.targets),
+            recipe.kind,
+            augmented=True,
+            seed=seed,
+        ),
+        PatchSet(
+            getattr(val_shard, recipe.images),
+            getattr(val_shard, recipe.targets),
+            recipe.kind,
+            augmented=False,
+            seed=seed,
+        ),
+    )
+
+
+def train_network(
+    recipe: NetworkRecipe,
+    stages: list[tuple[str, Shard]],
+    validation: Shard,
+    out_dir: Path,
+    budget: Budget,
+    *,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> list[tuple[str, TrainResult]]:
+    """Train through `stages` in order (e.g. synthetic then insertions), each starting from the best
+    weights of the one before; returns each stage's result."""
+    model = recipe.make()
+    results = []
+    for index, (stage, shard) in enumerate(stages):
+        train_set, val_set = _sets(recipe, shard, validation, seed + index)
+        config = TrainConfig(
+            epochs=budget.pretrain_epochs if index == 0 else budget.finetune_epochs,
+            batch_size=budget.batch_size,
+            lr=budget.lr if index == 0 else budget.finetune_lr,
+            patience=budget.patience,
+            seed=seed + index,
+            metadata={"stage": stage, **(metadata or {})},
+        )
+        result = train(
+            model,
+            train_set,
+            val_set,
+            loss_fn=recipe.loss,
+            metric_fn=recipe.metric,
+            config=config,
+            out_dir=out_dir / f"{recipe.name}-{stage}",
+        )
+        model, _ = load_model(result.best_path)
+        results.append((stage, result))
+    return results
+
+
+def ship(model_path: Path, weights_dir: Path, name: str, metadata: dict[str, Any]) -> Path:
+    """The trained network as shipped: float16 weights in the package, with its metadata."""
+    model, saved = load_model(model_path)
+    return save_model(model, weights_dir / f"{name}.pt", {**saved, **metadata}, half=True)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def train_all(
+    data_dir: Path,
+    networks: list[str],
+    budget: Budget,
+    *,
+    compare_scratch: bool,
+    ship_weights: bool,
+    weights_dir: Path | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Build (or reuse) the shards, train each network, and ship the best weights with their metadata."""
+    from models.datasets import SPLITS, build_shards, load_shards
+    from models.pipeline import WEIGHTS_DIR
+
+    unknown = sorted(set(networks) - set(RECIPES))
+    if unknown:
+        raise ValueError(f"unknown networks {unknown}; choose from {sorted(RECIPES)}")
+    shard_dir = data_dir / "shards"
+    train_paths = build_shards("train", shard_dir, progress=progress)
+    validation = load_shards(build_shards("validation", shard_dir, progress=progress))
+    synthetic = load_shards([p for p in train_paths if p.name.startswith("synthetic")])
+    real = load_shards([p for p in train_paths if p.name.startswith("insertion")])
+    data = {
+        "synthetic_cases": SPLITS["train"][1],
+        "insertion_cases": SPLITS["train"][3],
+        "validation_cases": SPLITS["validation"][1] + SPLITS["validation"][3],
+        "seeds": {split: {"synthetic_from": s[0], "insertion_from": s[2]} for split, s in SPLITS.items()},
+    }
+    summary: dict[str, Any] = {
+        "version": MODEL_VERSION,
+        "budget": budget.__dict__,
+        "data": data,
+        "networks": {},
+    }
+    for name in networks:
+        recipe = RECIPES[name]
+        progress(f"{name}: pretraining on synthetic cases, then fine-tuning on insertions into real CT")
+        runs = train_network(
+            recipe,
+            [("synthetic", synthetic), ("real", real)],
+            validation,
+            data_dir / "runs",
+            budget,
+            metadata={"version": MODEL_VERSION, "data": data},
+        )
+        entry: dict[str, Any] = {stage: round(result.best_metric, 4) for stage, result in runs}
+        chosen = runs[-1][1]
+        if compare_scratch:
+            progress(f"{name}: the same network on insertions alone, from scratch")
+            scratch = train_network(recipe, [("real-only", real)], validation, data_dir / "runs", budget)[0][
+                1
+            ]
+            entry["real-only"] = round(scratch.best_metric, 4)
+            entry["pretraining_helps"] = chosen.best_metric > scratch.best_metric
+            if scratch.best_metric > chosen.best_metric:
+                chosen = scratch
+        entry["shipped_metric"] = round(chosen.best_metric, 4)
+        if ship_weights:
+            shipped = ship(
+                chosen.best_path,
+                weights_dir or WEIGHTS_DIR,
+                name,
+                {"version": MODEL_VERSION, "data": data, "validation_metric": chosen.best_metric},
+            )
+            entry["weights"] = str(shipped)
+        summary["networks"][name] = entry
+        write_summary(data_dir / "summary.json", summary)
+    return summary

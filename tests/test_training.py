@@ -1,0 +1,222 @@
+"""Augmentation and the training loop, on toy data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from models.augmentation import AugmentConfig, augment
+from models.networks import ClassifierConfig, FalsePositiveClassifier, bce_loss, load_model, render_heatmap
+from models.training import TrainConfig, train
+
+NO_AFFINE = AugmentConfig(affine_prob=0.0)
+GEOMETRY_ONLY = AugmentConfig(intensity_scale=(1, 1), intensity_shift=(0, 0), noise_prob=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: threads only add synchronisation, which a busy machine makes very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cube(shape: tuple[int, int, int] = (32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full(shape, 0.1, dtype=np.float32)
+    mask = np.zeros(shape, dtype=bool)
+    mask[10:20, 12:22, 9:19] = True
+    image[mask] = 0.9
+    return image, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 32), (24, 40, 32)])
+def test_augment_keeps_shapes_and_dtypes(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random(shape, dtype=np.float32)
+    mask = image > 0.7
+    heatmap = rng.random(tuple(s // 2 for s in shape), dtype=np.float32)
+    for target in (mask, heatmap, mask.astype(np.uint8)):
+        for _ in range(4):
+            out, new_target = augment(image, target, rng)
+            assert out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
+            assert new_target is not None
+            assert new_target.shape == target.shape and new_target.dtype == target.dtype
+    out, none = augment(image, None, rng)
+    assert out.shape == shape and none is None
+
+
+def test_augment_is_deterministic_per_seed_and_leaves_inputs_alone() -> None:
+    image, mask = _cube()
+    before = image.copy(), mask.copy()
+    first = augment(image, mask, np.random.default_rng(7))
+    second = augment(image, mask, np.random.default_rng(7))
+    other = augment(image, mask, np.random.default_rng(8))
+    assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], other[0])
+    assert np.array_equal(image, before[0]) and np.array_equal(mask, before[1])
+
+
+def test_flips_and_quarter_turns_keep_the_mask_exactly() -> None:
+    image, mask = _cube()
+    seen = set()
+    for seed in range(12):
+        out, new_mask = augment(image, mask, np.random.default_rng(seed), NO_AFFINE)
+        assert new_mask is not None and new_mask.sum() == mask.sum()
+        assert np.all(out[new_mask] > 0.6) and np.all(out[~new_mask] < 0.4)
+        seen.add(new_mask.tobytes())
+    assert len(seen) > 4
+
+
+def test_small_rotations_roughly_keep_the_mask_volume() -> None:
+    image, mask = _cube()
+    config = AugmentConfig(scale_range=(1.0, 1.0))
+    for seed in range(5):
+        _, new_mask = augment(image, mask, np.random.default_rng(seed), config)
+        assert new_mask is not None and abs(int(new_mask.sum()) - int(mask.sum())) < 0.1 * mask.sum()
+
+
+def test_mask_stays_on_its_bright_cube() -> None:
+    image, mask = _cube()
+    for seed in range(8):
+        out, new_mask = augment(image, mask, np.random.default_rng(seed))
+        assert new_mask is not None and new_mask.any()
+        # 0.9 and 0.1 before intensity jitter; the mask's edge voxels are partial-volume ones
+        assert out[new_mask].mean() > 0.65 and out[~new_mask].mean() < 0.2
+
+
+def test_stride_two_heatmap_follows_its_image() -> None:
+    image = np.zeros((32, 32, 32), np.float32)
+    image[15:17, 18:20, 11:13] = 1.0  # a blob centred at (15.5, 18.5, 11.5)
+    heatmap = render_heatmap((16, 16, 16), [[15.5, 18.5, 11.5]], sigma=1.5)
+
+    def centroid(array: np.ndarray, stride: int) -> np.ndarray:
+        grids = np.meshgrid(*(stride * np.arange(n) + (stride - 1) / 2 for n in array.shape), indexing="ij")
+        return np.array([(array * g).sum() / array.sum() for g in grids])
+
+    for seed in range(6):
+        out, new_heatmap = augment(image, heatmap, np.random.default_rng(seed), GEOMETRY_ONLY)
+        assert new_heatmap is not None
+        np.testing.assert_allclose(centroid(new_heatmap, 2), centroid(out, 1), atol=0.6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def _blobs(n: int, seed: int) -> TensorDataset:
+    """16^3 noise patches, half with a bright blob near the centre: label 1."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), axis=-1)
+    images = rng.normal(0.2, 0.05, (n, 1, 16, 16, 16)).astype(np.float32)
+    labels = (np.arange(n) % 2).astype(np.float32)
+    for i in np.flatnonzero(labels):
+        centre = rng.uniform(5, 11, 3)
+        images[i, 0] += 0.6 * np.exp(-((grid - centre) ** 2).sum(-1) / (2 * 1.5**2))
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(((logits.reshape(-1) > 0).float() == targets.reshape(-1)).float().mean())
+
+
+def _toy_model() -> FalsePositiveClassifier:
+    torch.manual_seed(0)
+    return FalsePositiveClassifier(
+        ClassifierConfig(channels=(4, 8, 8), patch_size=16, fc_units=16, dropout=0.1)
+    )
+
+
+def _config(**overrides: object) -> TrainConfig:
+    base = {
+        "epochs": 6,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "progress": False,
+        "device": "cpu",
+        "metadata": {"version": "t"},
+    }
+    return TrainConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def toy_data() -> tuple[TensorDataset, TensorDataset]:
+    return _blobs(128, seed=1), _blobs(64, seed=2)
+
+
+def test_training_learns_a_toy_task_and_writes_its_records(
+    toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    result = train(
+        _toy_model(), *toy_data, loss_fn=bce_loss, metric_fn=_accuracy, config=_config(), out_dir=tmp_path
+    )
+    assert result.best_metric >= 0.95, result.history
+    assert result.best_path.exists() and result.last_path.exists()
+    assert result.curves_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(1, 7)) == [h["epoch"] for h in result.history]
+    assert set(lines[0]) == {"epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds"}
+    assert lines[-1]["lr"] < lines[0]["lr"]  # cosine schedule
+
+    best, metadata = load_model(result.best_path)
+    assert metadata["epoch"] == result.best_epoch and metadata["val_metric"] == result.best_metric
+    assert metadata["version"] == "t" and "training_state" not in metadata
+    images, labels = toy_data[1].tensors
+    assert _accuracy(best(images), labels) == pytest.approx(result.best_metric)
+
+
+def test_early_stopping_when_the_metric_stops_improving(
+    toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    small = TensorDataset(*(t[:32] for t in toy_data[0].tensors))
+    result = train(
+        _toy_model(),
+        small,
+        small,
+        loss_fn=bce_loss,
+        metric_fn=lambda logits, targets: 0.5,
+        config=_config(epochs=20, patience=2),
+        out_dir=tmp_path,
+    )
+    assert result.stopped_early and result.best_epoch == 1 and result.epochs_run == 3
+
+
+def test_resume_goes_on_as_if_never_interrupted(
+    toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    data = [
+        TensorDataset(*(t[:48] for t in toy_data[0].tensors)),
+        TensorDataset(*(t[:32] for t in toy_data[1].tensors)),
+    ]
+    run = {"loss_fn": bce_loss, "metric_fn": _accuracy}
+    straight = _toy_model()
+    expected = train(
+        straight, *data, **run, config=_config(epochs=4, lr_schedule="constant"), out_dir=tmp_path / "a"
+    )
+
+    # stopped after epoch 2, then resumed into a fresh model
+    first = train(
+        _toy_model(), *data, **run, config=_config(epochs=2, lr_schedule="constant"), out_dir=tmp_path / "b"
+    )
+    resumed = FalsePositiveClassifier(straight.config)
+    config = _config(epochs=4, lr_schedule="constant", resume=True)
+    result = train(resumed, *data, **run, config=config, out_dir=tmp_path / "b")
+
+    assert result.history[:2] == first.history
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert len(result.log_path.read_text().splitlines()) == 4
+
+    for got, want in zip(result.history, expected.history, strict=True):
+        assert {**got, "seconds": 0} == pytest.approx({**want, "seconds": 0}, rel=1e-5)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
