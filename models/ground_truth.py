@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from models.lung_rads import lung_rads_category
 from models.measurements import AxialDiameters, BoxMask, axial_diameters, volume_mm3
+from models.preprocessing import to_sitk
 from models.volume import Volume
 
 SCHEMA = "cad-node ground truth 1"
@@ -120,11 +121,7 @@ def write_ground_truth(
     labels = np.zeros(volume.shape, dtype=np.uint8)
     for nodule in nodules:
         nodule.mask.paste_into(labels, nodule.label)
-    image = sitk.GetImageFromArray(labels)
-    image.SetSpacing(tuple(reversed(volume.spacing)))
-    image.SetOrigin(volume.origin)
-    image.SetDirection(tuple(volume.direction[:, ::-1].ravel()))
-    sitk.WriteImage(image, str(out_dir / LABELS_NAME), useCompression=True)
+    sitk.WriteImage(to_sitk(volume, labels), str(out_dir / LABELS_NAME), useCompression=True)
     document = {
         "schema": SCHEMA,
         "coordinates": "DICOM patient coordinates (LPS), millimetres",

@@ -14,8 +14,9 @@ HU_WINDOW = (-1000.0, 400.0)
 AIR_HU = -1024.0
 
 
-def to_sitk(volume: Volume) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu, dtype=np.float32))
+def to_sitk(volume: Volume, voxels: npt.NDArray[np.generic] | None = None) -> sitk.Image:
+    """The volume as a SimpleITK image with its geometry; `voxels` (same shape) replace its HU."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu if voxels is None else voxels))
     image.SetSpacing(tuple(float(s) for s in reversed(volume.spacing)))
     image.SetOrigin(tuple(float(v) for v in volume.origin))
     image.SetDirection(tuple(float(v) for v in volume.direction[:, ::-1].ravel()))
@@ -46,10 +47,7 @@ def resample(
 
 def resample_onto(volume: Volume, target: Volume, *, linear: bool = True, default: float = AIR_HU) -> Volume:
     """`volume`'s voxels interpolated at the voxel centres of `target`'s grid."""
-    reference = sitk.Image([int(n) for n in reversed(target.shape)], sitk.sitkFloat32)
-    reference.SetSpacing(tuple(float(s) for s in reversed(target.spacing)))
-    reference.SetOrigin(tuple(float(v) for v in target.origin))
-    reference.SetDirection(tuple(float(v) for v in target.direction[:, ::-1].ravel()))
+    reference = to_sitk(target, np.zeros(target.shape, np.float32))
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
     result = sitk.Resample(
         to_sitk(volume), reference, sitk.Transform(), interpolator, float(default), sitk.sitkFloat32
