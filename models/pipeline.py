@@ -23,7 +23,13 @@ from models.findings import Finding
 from models.lung_rads import lung_rads_category
 from models.lungs import segment_lungs
 from models.measurements import BoxMask, axial_diameters, volume_mm3
-from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, load_model
+from models.networks import (
+    CandidateDetector,
+    FalsePositiveClassifier,
+    NoduleSegmenter,
+    load_model,
+    predict_heatmap,
+)
 from models.preprocessing import DETECTION_SPACING_MM, lung_box, normalise, resample, resample_onto
 from models.training_data import (
     CLASSIFIER_PATCH,
@@ -35,8 +41,6 @@ from models.training_data import (
 from models.volume import Volume
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WINDOW = 96
-WINDOW_OVERLAP = 16
 MAX_CANDIDATES = 40
 CANDIDATE_SEPARATION_MM = 5.0
 
@@ -114,31 +118,12 @@ def analyze(
     return Analysis(findings=_without_duplicates(findings), candidates=len(candidates), seconds=seconds)
 
 
-@torch.inference_mode()
 def detect(
     work: Volume, lungs: npt.NDArray[np.uint8], pipeline: Pipeline
 ) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice]]:
-    """Nodule-centre probabilities at stride 2 over the lungs' box, window by window."""
+    """Nodule-centre probabilities at stride 2 over the lungs' box."""
     box = lung_box(lungs, work.spacing)
-    region = normalise(work.hu[box])
-    shape = np.asarray(region.shape)
-    padded_shape = np.maximum(np.ceil(shape / 8).astype(int) * 8, WINDOW)
-    padded = np.zeros(tuple(padded_shape), np.float32)
-    padded[tuple(slice(0, n) for n in shape)] = region
-    heat = np.zeros(tuple(padded_shape // 2), np.float32)
-    step = WINDOW - WINDOW_OVERLAP
-    starts = [sorted({*range(0, max(1, n - WINDOW + 1), step), max(0, n - WINDOW)}) for n in padded_shape]
-    for k in starts[0]:
-        for j in starts[1]:
-            for i in starts[2]:
-                window = padded[k : k + WINDOW, j : j + WINDOW, i : i + WINDOW]
-                tensor = torch.from_numpy(np.ascontiguousarray(window))[None, None].to(pipeline.device)
-                probability = torch.sigmoid(pipeline.detector(tensor))[0, 0].float().cpu().numpy()
-                target = heat[
-                    k // 2 : (k + WINDOW) // 2, j // 2 : (j + WINDOW) // 2, i // 2 : (i + WINDOW) // 2
-                ]
-                np.maximum(target, probability, out=target)
-    return heat[tuple(slice(0, (n + 1) // 2) for n in shape)], box
+    return predict_heatmap(pipeline.detector, normalise(work.hu[box])), box
 
 
 def candidate_points(

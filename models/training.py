@@ -51,7 +51,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: from lr to lr * min_lr_ratio
+    # cosine: from lr at epoch 1 to lr * min_lr_ratio at the last; a resumed run follows its own epochs
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.05
     patience: int | None = 10  # epochs without improvement before stopping; None: never stop early
     min_delta: float = 0.0  # improvement smaller than this does not count
@@ -70,7 +71,7 @@ class TrainConfig:
 class TrainResult:
     best_epoch: int
     best_metric: float
-    epochs_run: int  # the last epoch trained, counting those of a resumed run
+    epochs_run: int  # epochs in the history, those before a resume included
     stopped_early: bool
     best_path: Path
     last_path: Path

@@ -67,7 +67,7 @@ class PatchSet(Dataset[tuple[Tensor, Tensor]]):
         if self.kind == "classifier":
             target: npt.NDArray[np.float32] = np.asarray([self.targets[index]], np.float32)
             if self.augmented:
-                image, _ = augment(image, np.zeros(image.shape, bool), self.rng, self.config)
+                image, _ = augment(image, None, self.rng, self.config)
         else:
             dense = self.targets[index]
             dense = dense.astype(np.float32) / 255 if self.kind == "detector" else dense.astype(bool)
