@@ -141,6 +141,7 @@ class NetworkRecipe:
     images: str
     targets: str
     kind: str
+    lr_scale: float = 1.0  # times the budget's learning rates
 
 
 RECIPES = {
@@ -170,6 +171,7 @@ RECIPES = {
         "segmentation_images",
         "segmentation_masks",
         "segmenter",
+        lr_scale=3.0,
     ),
 }
 
@@ -226,7 +228,7 @@ def train_network(
         config = TrainConfig(
             epochs=budget.pretrain_epochs if index == 0 else budget.finetune_epochs,
             batch_size=budget.batch_size,
-            lr=budget.lr if index == 0 else budget.finetune_lr,
+            lr=(budget.lr if index == 0 else budget.finetune_lr) * recipe.lr_scale,
             patience=budget.patience,
             seed=seed + index,
             metadata={"stage": stage, **(metadata or {})},
