@@ -1,0 +1,39 @@
+"""The shipped weights, as `cad-node analyze` uses them: small, loaded from the package, and finding
+the real nodule of LIDC-IDRI-0001."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cad_node.cli import main
+from models.pipeline import WEIGHTS_DIR, Pipeline
+
+CONSENSUS_0001 = np.array([56.4, 86.3, -116.0])
+
+
+def test_weights_are_small_and_load_from_the_package() -> None:
+    files = sorted(WEIGHTS_DIR.glob("*.pt"))
+    assert [f.stem for f in files] == ["classifier", "detector", "segmenter"]
+    assert sum(f.stat().st_size for f in files) < 50 * 2**20
+    pipeline = Pipeline.load(device="cpu")
+    assert pipeline.version == "0.1.0"
+
+
+def test_analyze_finds_the_lidc_0001_nodule(lidc_series_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["analyze", str(lidc_series_dir("LIDC-IDRI-0001")), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "findings.json").read_text())
+    assert document["model_version"] == "0.1.0"
+    distances = [np.linalg.norm(np.subtract(f["centre_mm"], CONSENSUS_0001)) for f in document["findings"]]
+    assert min(distances) < 10.0
+    nodule = document["findings"][int(np.argmin(distances))]
+    assert nodule["type"] == "solid"
+    assert nodule["long_axis_mm"] == pytest.approx(32.1, abs=8.0)  # the readers' consensus: 32.1 x 25.9 mm
