@@ -191,22 +191,11 @@ class Budget:
 def _sets(
     recipe: NetworkRecipe, train_shard: Shard, val_shard: Shard, seed: int
 ) -> tuple[PatchSet, PatchSet]:
-    return (
-        PatchSet(
-            getattr(train_shard, recipe.images),
-            getattr(train_shard, recipe.targets),
-            recipe.kind,
-            augmented=True,
-            seed=seed,
-        ),
-        PatchSet(
-            getattr(val_shard, recipe.images),
-            getattr(val_shard, recipe.targets),
-            recipe.kind,
-            augmented=False,
-            seed=seed,
-        ),
-    )
+    def patches(shard: Shard, augmented: bool) -> PatchSet:
+        images, targets = getattr(shard, recipe.images), getattr(shard, recipe.targets)
+        return PatchSet(images, targets, recipe.kind, augmented=augmented, seed=seed)
+
+    return patches(train_shard, True), patches(val_shard, False)
 
 
 def train_network(
