@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.datasets import lidc_series_dir
 from models.synthetic.case_writing import synthesize
 
 GOAL_S = 30.0
-LIDC = Path(os.environ.get("CAD_NODE_LIDC_DIR", Path(__file__).resolve().parents[2] / "shared/data/lidc"))
 
 
 def timed(label: str, **kwargs: object) -> float:
@@ -52,13 +52,16 @@ def main() -> None:
     )
     verdict = "meets" if total <= GOAL_S else "MISSES"
     print(f"goal: at most {GOAL_S:.0f} s for 300 slices: {verdict} it ({total / GOAL_S:.2f} of the budget)")
-    backgrounds = sorted(LIDC.glob("LIDC-IDRI-0001/*/*/*.xml"))
-    if backgrounds:
+    try:
+        background = lidc_series_dir("LIDC-IDRI-0001")
+    except FileNotFoundError as missing:
+        print(f"insertion not measured: {missing}")
+    else:
         timed(
             f"insertion into LIDC-IDRI-0001, {args.nodules} nodules",
             seed=301,
             n_nodules=args.nodules,
-            background=backgrounds[0].parent,
+            background=background,
         )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS): {peak_mb:.0f} MB")

@@ -75,15 +75,7 @@ class Backgrounds:
             lidc = build_lidc_case(
                 parse_lidc_xml(find_lidc_xml(folder)), series.volume, series.sop_instance_uids
             )
-            real = [
-                IgnoreMark(
-                    centre_mm=(float(n.centre_xyz[0]), float(n.centre_xyz[1]), float(n.centre_xyz[2])),
-                    kind="real nodule",
-                    diameter_mm=n.long_axis_mm,
-                )
-                for n in lidc.nodules
-            ]
-            self._loaded[name] = (series.volume, real + list(lidc.ignore_marks(min_readers=1)))
+            self._loaded[name] = (series.volume, lidc.every_mark())
         return self._loaded[name]
 
 

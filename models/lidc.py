@@ -580,6 +580,19 @@ class LidcCase:
     def ignore_marks(self, min_readers: int = LUNA16_MIN_READERS) -> tuple[IgnoreMark, ...]:
         return select_ignore_marks(self.groups, min_readers)
 
+    def every_mark(self) -> list[IgnoreMark]:
+        """Every reader mark, each outlined nodule as one mark: where no synthetic nodule may go, and
+        where a detection in an inserted case counts as neither hit nor false positive."""
+        nodules = [
+            IgnoreMark(
+                centre_mm=(float(n.centre_xyz[0]), float(n.centre_xyz[1]), float(n.centre_xyz[2])),
+                kind=f"real nodule, {n.reader_count} readers",
+                diameter_mm=n.long_axis_mm,
+            )
+            for n in self.nodules
+        ]
+        return nodules + list(self.ignore_marks(min_readers=1))
+
 
 def build_lidc_case(
     annotation: LidcAnnotation,

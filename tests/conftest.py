@@ -10,6 +10,8 @@ from typing import NoReturn
 
 import pytest
 
+from models.datasets import lidc_root
+
 
 def _require_tool(name: str) -> str:
     """Path of an external program; skip the test without it, except in CI, where it must be there."""
@@ -28,9 +30,6 @@ def require_tool() -> Callable[[str], str]:
     return _require_tool
 
 
-LIDC_DIR_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc"
-
-
 def _missing_data(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}, and CI is set: CI must provide it")
@@ -41,7 +40,7 @@ def _missing_data(reason: str) -> NoReturn:
 def lidc_dir() -> Path:
     """The LIDC-IDRI sample cases: $CAD_NODE_LIDC_DIR, else shared/data/lidc beside the repository.
     Skips without them (fails when CI is set)."""
-    path = Path(os.environ.get("CAD_NODE_LIDC_DIR", LIDC_DIR_DEFAULT))
+    path = lidc_root()
     if not path.is_dir():
         _missing_data(f"LIDC data not found at {path} (set CAD_NODE_LIDC_DIR)")
     return path

@@ -194,16 +194,7 @@ def _real_marks(background: Path, series: CtSeries) -> list[IgnoreMark]:
         xml = find_lidc_xml(background, series.series_instance_uid)
     except LidcError:
         return []
-    lidc = build_lidc_case(parse_lidc_xml(xml), series.volume, series.sop_instance_uids)
-    real = [
-        IgnoreMark(
-            centre_mm=(float(n.centre_xyz[0]), float(n.centre_xyz[1]), float(n.centre_xyz[2])),
-            kind=f"real nodule, {n.reader_count} readers",
-            diameter_mm=n.long_axis_mm,
-        )
-        for n in lidc.nodules
-    ]
-    return real + list(lidc.ignore_marks(min_readers=1))
+    return build_lidc_case(parse_lidc_xml(xml), series.volume, series.sop_instance_uids).every_mark()
 
 
 def _summary(case: Case) -> str:
