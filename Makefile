@@ -20,3 +20,4 @@ test: $(SETUP)
 
 bench: $(SETUP)
 	$(VENV)/bin/python benchmarks/bench_synth.py
+	$(VENV)/bin/python benchmarks/bench_pipeline.py
