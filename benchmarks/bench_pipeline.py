@@ -28,9 +28,8 @@ def timed(label: str, volume: Volume, pipeline: Pipeline) -> float:
     analysis = analyze(volume, pipeline)
     total = time.perf_counter() - started
     steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in analysis.seconds.items())
-    print(
-        f"{label}: {total:.1f} s ({steps}); {analysis.candidates} candidates, {len(analysis.findings)} findings"
-    )
+    found = f"{analysis.candidates} candidates, {len(analysis.findings)} findings"
+    print(f"{label}: {total:.1f} s ({steps}); {found}")
     return total
 
 
@@ -48,9 +47,8 @@ def main() -> None:
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = timed(f"synthetic CT {case.volume.shape}", case.volume, pipeline)
     goal = GOAL_S.get(device, GOAL_S["cpu"])
-    print(
-        f"goal: at most {goal:.0f} s: {'meets' if total <= goal else 'MISSES'} it ({total / goal:.2f} of the budget)"
-    )
+    verdict = "meets" if total <= goal else "MISSES"
+    print(f"goal: at most {goal:.0f} s: {verdict} it ({total / goal:.2f} of the budget)")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"peak memory (max RSS of the process, synthesis included): {peak_mb:.0f} MB "
