@@ -134,7 +134,7 @@ def _overlay(
                 PreviewItem(
                     label=f"false positive p={finding.probability:.2f} {finding.mean_diameter_mm:.1f} mm",
                     centre_kji=(float(k), *volume.patient_to_index(finding.centre_mm)[1:]),
-                    outline=finding.mask.full(volume.shape)[k],
+                    outline=finding.mask.axial_slice(k, volume.shape[1:]),
                     colour="orange",
                 )
             )
@@ -148,4 +148,4 @@ def _overlay(
 def _slice_outline(target: Target, volume: Volume) -> np.ndarray:
     k = int(np.rint(volume.patient_to_index(target.centre_mm)[0]))
     assert target.mask is not None
-    return target.mask.full(volume.shape)[k]
+    return target.mask.axial_slice(k, volume.shape[1:])

@@ -53,6 +53,15 @@ class BoxMask:
         self.paste_into(mask)
         return mask
 
+    def axial_slice(self, k: int, in_plane: tuple[int, int]) -> npt.NDArray[np.bool_]:
+        """The mask on slice k of a grid whose slices are `in_plane` (rows, columns)."""
+        plane = np.zeros(in_plane, dtype=bool)
+        local = k - self.offset[0]
+        if 0 <= local < self.array.shape[0]:
+            rows, columns = self.slices()[1:]
+            plane[rows, columns] = self.array[local]
+        return plane
+
     def centroid_kji(self) -> npt.NDArray[np.float64]:
         """Mean (k, j, i) grid index of the mask's voxels."""
         return np.argwhere(self.array).mean(axis=0) + np.asarray(self.offset)

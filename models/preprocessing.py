@@ -16,7 +16,12 @@ AIR_HU = -1024.0
 
 def to_sitk(volume: Volume, voxels: npt.NDArray[np.generic] | None = None) -> sitk.Image:
     """The volume as a SimpleITK image with its geometry; `voxels` (same shape) replace its HU."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.hu if voxels is None else voxels))
+    return _placed(
+        sitk.GetImageFromArray(np.ascontiguousarray(volume.hu if voxels is None else voxels)), volume
+    )
+
+
+def _placed(image: sitk.Image, volume: Volume) -> sitk.Image:
     image.SetSpacing(tuple(float(s) for s in reversed(volume.spacing)))
     image.SetOrigin(tuple(float(v) for v in volume.origin))
     image.SetDirection(tuple(float(v) for v in volume.direction[:, ::-1].ravel()))
@@ -47,7 +52,8 @@ def resample(
 
 def resample_onto(volume: Volume, target: Volume, *, linear: bool = True, default: float = AIR_HU) -> Volume:
     """`volume`'s voxels interpolated at the voxel centres of `target`'s grid."""
-    reference = to_sitk(target, np.zeros(target.shape, np.float32))
+    # Only the grid counts: a one-byte image, not a float copy of the target's voxels.
+    reference = _placed(sitk.Image([int(n) for n in reversed(target.shape)], sitk.sitkUInt8), target)
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
     result = sitk.Resample(
         to_sitk(volume), reference, sitk.Transform(), interpolator, float(default), sitk.sitkFloat32

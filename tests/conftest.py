@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import pytest
 
-from models.datasets import lidc_root
+from models import datasets
 
 
 def _require_tool(name: str) -> str:
@@ -40,7 +40,7 @@ def _missing_data(reason: str) -> NoReturn:
 def lidc_dir() -> Path:
     """The LIDC-IDRI sample cases: $CAD_NODE_LIDC_DIR, else shared/data/lidc beside the repository.
     Skips without them (fails when CI is set)."""
-    path = lidc_root()
+    path = datasets.lidc_root()
     if not path.is_dir():
         _missing_data(f"LIDC data not found at {path} (set CAD_NODE_LIDC_DIR)")
     return path
@@ -51,10 +51,10 @@ def lidc_series_dir(lidc_dir: Path) -> Callable[[str], Path]:
     """``lidc_series_dir("LIDC-IDRI-0001")``: the case's series folder (DICOM slices and reader XML)."""
 
     def find(case: str) -> Path:
-        xmls = sorted((lidc_dir / case).rglob("*.xml"))
-        if not xmls:
-            _missing_data(f"no annotated series of {case} under {lidc_dir}")
-        return xmls[0].parent
+        try:
+            return datasets.lidc_series_dir(case)
+        except FileNotFoundError as missing:
+            _missing_data(str(missing))
 
     return find
 

@@ -222,3 +222,12 @@ def test_lung_rads_calcified_is_benign(mean_diameter_mm: float) -> None:
 def test_lung_rads_unknown_type() -> None:
     with pytest.raises(ValueError, match="no Lung-RADS rule"):
         lung_rads_category("cavitary", 10.0, 10.0)
+
+
+def test_box_mask_axial_slice_matches_the_full_mask() -> None:
+    full = np.zeros((5, 7, 9), dtype=bool)
+    full[2, 1:4, 3:8] = True
+    full[3, 2, 4] = True
+    mask = BoxMask.from_full(full)
+    for k in range(5):
+        np.testing.assert_array_equal(mask.axial_slice(k, (7, 9)), full[k])

@@ -113,7 +113,7 @@ def write_preview(case: Case, out_png: Path, *, title: str) -> Path:
                 f"{n.long_axis_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.mean_hu:.0f} HU"
             ),
             centre_kji=(float(n.axial_slice_index), *case.volume.patient_to_index(n.centre_mm)[1:]),
-            outline=n.mask.full(case.volume.shape)[n.axial_slice_index],
+            outline=n.mask.axial_slice(n.axial_slice_index, case.volume.shape[1:]),
         )
         for n in case.nodules
     ]
