@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -11,11 +12,27 @@ from pathlib import Path
 
 import click
 
+from cad_node.jobs_commands import jobs
+from cad_node.node_commands import config, db, listen, send, up, worker
+from cad_node.settings import CONFIG_VARIABLE
+
 
 @click.group()
 @click.version_option(package_name="cad-node")
-def main() -> None:
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"A TOML settings file (else ${CONFIG_VARIABLE}).",
+)
+def main(config_file: Path | None) -> None:
     """Lung CT CAD node: finds, outlines and measures lung nodules in chest CT."""
+    if config_file is not None:
+        os.environ[CONFIG_VARIABLE] = str(config_file.resolve())
+
+
+for _command in (up, listen, worker, send, config, db, jobs):
+    main.add_command(_command)
 
 
 @main.command()
@@ -92,7 +109,8 @@ def _echo_progress(started: float) -> Callable[[str], None]:
 )
 @click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
 def analyze(series_dir: Path, out_dir: Path, device: str | None) -> None:
-    """Run the shipped pipeline on a CT series and write DIR/findings.json."""
+    """Run the shipped pipeline on a CT series and write DIR/findings.json, DIR/sr.dcm and, when there are
+    findings, DIR/seg.dcm."""
     from models.pipeline import Pipeline
     from models.pipeline import analyze as run_pipeline
     from models.series_loading import SeriesError, load_series
@@ -126,6 +144,14 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None) -> None:
             f"Lung-RADS {finding.lung_rads} (suggestion)  ({centre})"
         )
     click.echo(f"{len(analysis.findings)} findings in {path} ({time.perf_counter() - started:.1f} s)")
+    from cad_node.algorithm import AlgorithmIdentity
+    from cad_node.result_encoding import encode_results, write_results
+    from models.pipeline import WEIGHTS_DIR
+
+    algorithm = AlgorithmIdentity.for_weights(pipeline.version, WEIGHTS_DIR)
+    results = encode_results(series.headers, series.frame_numbers, analysis.findings, algorithm)
+    for written in write_results(results, out_dir):
+        click.echo(f"DICOM result: {written}")
 
 
 @main.command()

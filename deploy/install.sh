@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v dcmcjpeg >/dev/null || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+command -v Orthanc >/dev/null || missing+=(orthanc orthanc-dicomweb)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     echo "installing Debian packages: ${missing[*]}"

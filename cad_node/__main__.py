@@ -1,0 +1,3 @@
+from cad_node.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""C-STORE of DICOM files to a peer: the node's results to its destinations, and `cad-node send`.
+
+Files go as they are on disk (pynetdicom reads them in chunks, without decoding), one association for
+all of them, each proposed in its own transfer syntax and, where it is uncompressed, the two others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+
+from cad_node.settings import Peer
+
+log = logging.getLogger(__name__)
+
+_config.STORE_SEND_CHUNKED_DATASET = True
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    path: Path
+    sop_class_uid: UID
+    transfer_syntax: UID
+
+
+@dataclass(frozen=True)
+class SendReport:
+    sent: int
+    failed: dict[str, str]  # path -> why
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def outgoing(paths: Sequence[Path]) -> list[Outgoing]:
+    """Each file's SOP class and transfer syntax from its file meta; a clear error for a non-DICOM file."""
+    files = []
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+            files.append(Outgoing(path, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)))
+        except Exception as error:
+            raise ExportError(f"{path} is not a DICOM file with file meta information ({error})") from error
+    return files
+
+
+def send_files(
+    paths: Sequence[Path],
+    peer: Peer,
+    calling_ae_title: str,
+    *,
+    timeout_s: float = 60.0,
+    progress: Callable[[int], None] = lambda n: None,
+) -> SendReport:
+    """C-STORE every file to `peer` over one association. Raises ExportError when the peer cannot be
+    reached or refuses the association; per-file failures are in the report."""
+    files = outgoing(paths)
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    contexts = sorted({(f.sop_class_uid, f.transfer_syntax) for f in files})
+    for sop_class in sorted({c for c, _ in contexts}):
+        syntaxes = {ts for c, ts in contexts if c == sop_class}
+        if syntaxes & set(_UNCOMPRESSED):
+            syntaxes |= set(_UNCOMPRESSED)
+        for syntax in sorted(syntaxes):
+            if len(ae.requested_contexts) >= MAX_CONTEXTS:
+                raise ExportError(f"more than {MAX_CONTEXTS} kinds of object in one send; send fewer at once")
+            ae.add_requested_context(sop_class, syntax)
+    association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not association.is_established:
+        why = "rejected the association" if association.is_rejected else "could not be reached"
+        raise ExportError(f"{peer} {why}")
+    failed: dict[str, str] = {}
+    sent = 0
+    try:
+        for file in files:
+            try:
+                status = association.send_c_store(file.path)
+            except ValueError as error:  # no accepted presentation context for this file
+                failed[str(file.path)] = str(error)
+                continue
+            code = int(status.Status) if "Status" in status else -1
+            if code in (0x0000, 0xB000, 0xB006, 0xB007):
+                sent += 1
+                progress(sent)
+            else:
+                failed[str(file.path)] = "no response" if code == -1 else f"status 0x{code:04X}"
+            if not association.is_established:
+                raise ExportError(f"{peer} dropped the association after {sent} of {len(files)} files")
+    finally:
+        if association.is_established:
+            association.release()
+    return SendReport(sent=sent, failed=failed)

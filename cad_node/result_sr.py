@@ -1,0 +1,284 @@
+"""The findings as a Comprehensive 3D SR measurement report (TID 1500, highdicom).
+
+Per nodule, a planar group (TID 1410) whose image region is the closed outline of the nodule on its
+largest axial slice, a 2D SCOORD POLYLINE on that source image (what viewers such as OHIF display),
+with the measurements and qualitative evaluations; and, when there is a SEG, a volumetric group
+(TID 1411) that references the nodule's segment. A study without findings gets a report whose
+qualitative evaluations say that the algorithm ran and found nothing.
+
+Codes: from pydicom's code dictionary (DICOM PS3.16) wherever one fits. The nodule type names
+"solid" and "part-solid" and the Lung-RADS categories have no code there, so they use the local
+coding scheme 99CADNODE, declared in the Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import contourpy
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from highdicom.sr.templates import DEFAULT_LANGUAGE, LanguageOfContentItemAndDescendants
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cad_node.algorithm import AlgorithmIdentity
+from cad_node.result_seg import tracking_id
+from models.findings import Finding
+
+SR_SERIES_DESCRIPTION = "CAD nodules SR"
+SR_SERIES_NUMBER = 9701
+
+LOCAL_SCHEME = "99CADNODE"
+NODULE_TYPE = Code("NODULETYPE", LOCAL_SCHEME, "Nodule type")
+LUNG_RADS_SUGGESTION = Code("LRSUGGESTION", LOCAL_SCHEME, "Lung-RADS v2022 category (CAD suggestion)")
+# TID 1500 row 10; not in pydicom's dictionary by this meaning.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+NODULE_TYPES: dict[str, Code] = {
+    "solid": Code("SOLID", LOCAL_SCHEME, "Solid"),
+    "part-solid": Code("PARTSOLID", LOCAL_SCHEME, "Part-solid"),
+    "ground-glass": codes.DCM.GroundGlassOpacity,  # DCM 112120, CID 6104
+    "calcified": codes.SCT.PathologicCalcification,  # SCT 18115005
+}
+LUNG_ZONES: dict[str, Code] = {  # CID 6171 Zone of Lung
+    "upper": codes.SCT.UpperZoneOfLung,
+    "middle": codes.SCT.MiddleZoneOfLung,
+    "lower": codes.SCT.LowerZoneOfLung,
+}
+SIDES: dict[str, Code] = {"right": codes.SCT.Right, "left": codes.SCT.Left}  # CID 244 Laterality
+
+
+def lung_rads_code(category: str) -> Code:
+    return Code(f"LR{category}", LOCAL_SCHEME, f"Lung-RADS {category} (suggestion)")
+
+
+def local_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    return hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME,
+        name="cad-node local codes",
+        responsible_organization="cad-node project",
+    )
+
+
+def build_report(
+    source_headers: Sequence[Dataset],
+    frame_numbers: Sequence[int],
+    findings: Sequence[Finding],
+    algorithm: AlgorithmIdentity,
+    tracking_uids: Sequence[str],
+    segmentation: Dataset | None = None,
+    *,
+    series_number: int = SR_SERIES_NUMBER,
+) -> hd.sr.Comprehensive3DSR:
+    """Nodule n + 1 is `findings[n]`, tracked by `tracking_uids[n]`, segment n + 1 of `segmentation`.
+    `source_headers[k]` and `frame_numbers[k]` are slice k of the findings' grid."""
+    if len(tracking_uids) != len(findings):
+        raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
+    if findings:
+        groups: list[
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+            | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        ] = []
+        for number, (finding, uid) in enumerate(zip(findings, tracking_uids, strict=True), start=1):
+            k = finding.axial_slice_index
+            groups.append(_planar_group(number, uid, finding, source_headers[k], frame_numbers[k], algorithm))
+            if segmentation is not None:
+                groups.append(_volumetric_group(number, uid, finding, segmentation, algorithm))
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(algorithm),
+            procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
+            imaging_measurements=groups,
+        )
+        root = report[0]
+    else:
+        root = _report_without_measurements(algorithm)
+    root.ContentSequence.append(_summary(bool(findings)))
+    evidence = _unique_instances(source_headers) + ([segmentation] if segmentation is not None else [])
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        is_complete=True,
+        is_final=False,  # PRELIMINARY: a radiologist has not verified it
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.software_versions,
+        device_serial_number=algorithm.device_uid,
+        coding_schemes=[local_coding_scheme()] if findings else None,
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+
+
+def _unique_instances(headers: Sequence[Dataset]) -> list[Dataset]:
+    seen: dict[str, Dataset] = {}
+    for header in headers:
+        seen.setdefault(str(header.SOPInstanceUID), header)
+    return list(seen.values())
+
+
+def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=algorithm.device_uid,
+                name=algorithm.name,
+                manufacturer_name=algorithm.manufacturer,
+                model_name=algorithm.name,
+            ),
+        )
+    )
+
+
+def _report_without_measurements(algorithm: AlgorithmIdentity) -> hd.sr.ContainerContentItem:
+    """The TID 1500 root without Imaging Measurements (highdicom's MeasurementReport wants at least one
+    group): language, observation context, procedure reported; the summary follows."""
+    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
+    root.ContentSequence = hd.sr.ContentSequence()
+    root.ContentSequence.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    root.ContentSequence.extend(_observation_context(algorithm))
+    root.ContentSequence.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=codes.cid100.CTUnspecifiedBodyRegion,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    return root
+
+
+def _summary(with_findings: bool) -> hd.sr.ContainerContentItem:
+    """TID 1500 Qualitative Evaluations: CAD Processing and Findings Summary (DCM 111017, CID 6047)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence()
+    container.ContentSequence.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.CADProcessingAndFindingsSummary,
+            value=(
+                codes.DCM.AllAlgorithmsSucceededWithFindings
+                if with_findings
+                else codes.DCM.AllAlgorithmsSucceededWithoutFindings
+            ),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return container
+
+
+def _is_multi_frame(header: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in header
+
+
+def _source_image(header: Dataset, frame_number: int) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        referenced_frame_numbers=[frame_number] if _is_multi_frame(header) else None,
+    )
+
+
+def _finding_site(finding: Finding) -> hd.sr.FindingSite:
+    return hd.sr.FindingSite(
+        anatomic_location=LUNG_ZONES.get(finding.zone, codes.SCT.Lung),
+        laterality=SIDES.get(finding.side),
+    )
+
+
+def _planar_group(
+    number: int,
+    tracking_uid: str,
+    finding: Finding,
+    header: Dataset,
+    frame_number: int,
+    algorithm: AlgorithmIdentity,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    source = _source_image(header, frame_number)
+    # highdicom does not allow SCOORDs inside the measurements of a planar group, so the axes' end points
+    # (findings.json has them) are not drawn.
+    measurements = [
+        hd.sr.Measurement(name=codes.SCT.LongAxis, value=finding.long_axis_mm, unit=codes.UCUM.Millimeter),
+        hd.sr.Measurement(name=codes.SCT.ShortAxis, value=finding.short_axis_mm, unit=codes.UCUM.Millimeter),
+        *_volume_measurements(finding),
+    ]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id(number)),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=nodule_outline(finding),
+            source_image=source,
+        ),
+        finding_type=codes.SCT.Nodule,
+        algorithm_id=algorithm.sr_identification(),
+        finding_sites=[_finding_site(finding)],
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=NODULE_TYPE, value=NODULE_TYPES[finding.nodule_type]),
+            hd.sr.QualitativeEvaluation(name=LUNG_RADS_SUGGESTION, value=lung_rads_code(finding.lung_rads)),
+        ],
+    )
+
+
+def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    """Measurements of the whole 3D mask: volume, mean and maximum attenuation."""
+    hu = codes.UCUM.HounsfieldUnit
+    return [
+        hd.sr.Measurement(name=codes.SCT.Volume, value=finding.volume_mm3, unit=codes.UCUM.CubicMillimeter),
+        hd.sr.Measurement(
+            name=codes.DCM.AttenuationCoefficient, value=finding.mean_hu, unit=hu, derivation=codes.SCT.Mean
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.AttenuationCoefficient, value=finding.max_hu, unit=hu, derivation=codes.SCT.Maximum
+        ),
+    ]
+
+
+def _volumetric_group(
+    number: int, tracking_uid: str, finding: Finding, segmentation: Dataset, algorithm: AlgorithmIdentity
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id(number)),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=segmentation.SOPClassUID,
+            sop_instance_uid=segmentation.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(
+                segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID
+            ),
+        ),
+        finding_type=codes.SCT.Nodule,
+        algorithm_id=algorithm.sr_identification(),
+        finding_sites=[_finding_site(finding)],
+        measurements=_volume_measurements(finding),
+    )
+
+
+def nodule_outline(finding: Finding) -> npt.NDArray[np.float64]:
+    """The closed outline of the nodule's mask on its axial slice, as (column, row) image coordinates
+    ((0, 0) is the top left corner of the top left pixel): the marching-squares contour between the
+    mask's pixel centres and their neighbours', around its largest connected part."""
+    mask = finding.mask
+    local = finding.axial_slice_index - mask.offset[0]
+    if not 0 <= local < mask.array.shape[0] or not mask.array[local].any():
+        raise ValueError(f"the mask has no voxels on its axial slice {finding.axial_slice_index}")
+    plane = np.pad(mask.array[local], 1).astype(np.float64)
+    lines = contourpy.contour_generator(z=plane).lines(0.5)
+    outline = max(lines, key=_enclosed_area)  # type: ignore[arg-type]
+    if not np.array_equal(outline[0], outline[-1]):
+        outline = np.vstack([outline, outline[:1]])
+    # contour x, y are column, row indices of the padded box; pixel centres lie at index + 0.5
+    return outline + np.array([mask.offset[2] - 1 + 0.5, mask.offset[1] - 1 + 0.5])
+
+
+def _enclosed_area(line: npt.NDArray[np.float64]) -> float:
+    x, y = line[:, 0], line[:, 1]
+    return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2

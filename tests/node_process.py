@@ -1,0 +1,128 @@
+"""The node as the user runs it, for end-to-end tests: `cad-node up` in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from tests.peers import _log_tail, _stop, free_port, wait_until
+
+NODE_AET = "CADNODE"
+
+
+class RunningNode:
+    """`cad-node up` on a free port with its own data folder; `jobs()` reads `cad-node jobs list --json`."""
+
+    def __init__(
+        self,
+        destinations: Sequence[str] = (),
+        allowed_callers: Sequence[str] = (),
+        quiet_period_s: float = 2.0,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.destinations = list(destinations)
+        self.allowed_callers = list(allowed_callers)
+        self.quiet_period_s = quiet_period_s
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.ae_title = NODE_AET
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def root(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError("the node is not running (use it as a context manager)")
+        return Path(self._workdir.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "node.log"
+
+    def command(self, *arguments: str) -> list[str]:
+        return [sys.executable, "-m", "cad_node", *arguments]
+
+    def __enter__(self) -> Self:
+        self._workdir = tempfile.TemporaryDirectory(prefix="cad-node-")
+        arguments = ["up", "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        arguments += ["--ae-title", self.ae_title, "--quiet-period", str(self.quiet_period_s)]
+        for destination in self.destinations:
+            arguments += ["--destination", destination]
+        for caller in self.allowed_callers:
+            arguments += ["--allow", caller]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CAD_NODE_")}
+        environment["TORCH_NUM_THREADS"] = "2"
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                self.command(*arguments), stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
+        wait_until(self._ready, self.start_timeout, interval=0.3, what="the node's listener and workers")
+        return self
+
+    def _ready(self) -> bool:
+        self.check_alive()
+        log = self.log()
+        return "listening as" in log and log.count(" ready.") >= 2
+
+    def check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            raise RuntimeError(f"cad-node up exited with {self._process.returncode}:\n{self.log()}")
+
+    def log(self) -> str:
+        return _log_tail(self.log_path) if self._workdir is not None else ""
+
+    def full_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *arguments: str) -> str:
+        done = subprocess.run(
+            self.command(*arguments, "--data-dir", str(self.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cad-node {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli("jobs", "list", "--json")))
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(json.loads(self.cli("jobs", "show", str(job_id))))
+
+    def wait_for_job(self, status: str, timeout: float) -> dict[str, Any]:
+        def finished() -> dict[str, Any] | None:
+            self.check_alive()
+            done = [j for j in self.jobs() if j["status"] == status]
+            return done[0] if done else None
+
+        return wait_until(finished, timeout, interval=1.0, what=f"a {status} job")
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        try:
+            if self._process is not None:
+                if self._process.poll() is None:
+                    self._process.send_signal(signal.SIGTERM)
+                _stop(self._process, grace=30)
+            if kind is not None:
+                print(f"--- cad-node log ---\n{self.log()}", file=sys.stderr)
+        finally:
+            if self._workdir is not None:
+                self._workdir.cleanup()
+            self._workdir = None

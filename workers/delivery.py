@@ -1,0 +1,56 @@
+"""Delivery of one job's results to one destination, with its status in the job database."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+
+from cad_node.export import ExportError, send_files
+from cad_node.job_database import Delivery, DeliveryStatus, JobDatabase, ResultObject, utcnow
+from cad_node.settings import Peer, Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_delivery(job_id: int, destination: str, settings: Settings, database: JobDatabase) -> float | None:
+    """One attempt. None when there is nothing more to do; else the seconds to wait before the next."""
+    with database.session() as session:
+        delivery = session.scalar(
+            select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+        )
+        if delivery is None or delivery.status == DeliveryStatus.DELIVERED:
+            return None
+        delivery.attempts += 1
+        attempt = delivery.attempts
+        paths = [
+            Path(p) for p in session.scalars(select(ResultObject.path).where(ResultObject.job_id == job_id))
+        ]
+    error = ""
+    try:
+        report = send_files(paths, Peer.parse(destination), settings.ae_title)
+        if not report.ok:
+            error = "; ".join(f"{Path(p).name}: {why}" for p, why in report.failed.items())
+    except ExportError as failure:
+        error = str(failure)
+    with database.session() as session:
+        delivery = session.get_one(Delivery, delivery.id)
+        delivery.updated_at = utcnow()
+        if not error:
+            delivery.status = DeliveryStatus.DELIVERED
+            delivery.delivered_at = utcnow()
+            delivery.last_error = ""
+            log.info("job %d: %d results delivered to %s", job_id, len(paths), destination)
+            return None
+        delivery.last_error = error
+        if attempt >= settings.export_attempts:
+            delivery.status = DeliveryStatus.FAILED
+            log.error(
+                "job %d: delivery to %s failed after %d attempts: %s", job_id, destination, attempt, error
+            )
+            return None
+        delivery.status = DeliveryStatus.RETRYING
+        wait = settings.export_backoff_s * 2 ** (attempt - 1)
+        log.warning("job %d: delivery to %s failed (%s); again in %.0f s", job_id, destination, error, wait)
+        return wait
