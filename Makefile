@@ -2,16 +2,19 @@
 VENV := .venv
 SETUP := $(VENV)/.installed
 
-.PHONY: run test bench
+.PHONY: run demo test bench
 
 $(SETUP): pyproject.toml deploy/install.sh
 	bash deploy/install.sh
 	touch $@
 
-# Until the node's listener lands, running the node means making a case with known nodules.
+# The node on its embedded defaults (filesystem queue, SQLite) with its data in var/node.
 run: $(SETUP)
-	rm -rf var/demo-case
-	$(VENV)/bin/cad-node synth --out var/demo-case --seed 1 --nodules 5 --preview
+	$(VENV)/bin/cad-node up --data-dir var/node
+
+# The whole flow once: a synthetic case through the node to a throwaway PACS.
+demo: $(SETUP)
+	$(VENV)/bin/cad-node demo
 
 test: $(SETUP)
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cad_node.jobs_commands import jobs
-from cad_node.node_commands import config, db, listen, send, up, worker
+from cad_node.node_commands import config, db, demo, listen, send, up, worker
 from cad_node.settings import CONFIG_VARIABLE
 
 
@@ -31,7 +31,7 @@ def main(config_file: Path | None) -> None:
         os.environ[CONFIG_VARIABLE] = str(config_file.resolve())
 
 
-for _command in (up, listen, worker, send, config, db, jobs):
+for _command in (up, listen, worker, send, demo, config, db, jobs):
     main.add_command(_command)
 
 

@@ -171,3 +171,25 @@ def db_upgrade(data_dir: Path | None) -> None:
     settings = load_settings(data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"job database at schema {upgrade(settings.effective_database_url)}")
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/demo"),
+    show_default=True,
+)
+@click.option("--seed", default=1, show_default=True, help="The synthetic case's seed.")
+@click.option("--nodules", "n_nodules", default=4, show_default=True, type=click.IntRange(1, 12))
+def demo(out_dir: Path, seed: int, n_nodules: int) -> None:
+    """The whole flow on this machine: a synthetic CT with known nodules sent to the node (on its embedded
+    defaults), results received by a throwaway PACS, and what came back compared with the truth."""
+    from cad_node.demo import DemoError, run_demo
+
+    try:
+        lines = run_demo(out_dir, seed, n_nodules, echo=lambda line: click.echo(line, err=True))
+    except DemoError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo("\n".join(lines))

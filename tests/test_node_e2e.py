@@ -9,10 +9,10 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import numpy.typing as npt
 import pydicom
 import pytest
 
+from cad_node.result_reading import reported_nodules
 from models.lidc import read_lidc_case
 from tests.node_process import RunningNode
 from tests.peers import Orthanc, Storescp, dcmtk_env, storescu, wait_until
@@ -45,30 +45,6 @@ def by_sop_class(files: list[Path]) -> dict[str, list[pydicom.Dataset]]:
         dataset = pydicom.dcmread(path)
         found.setdefault(str(dataset.SOPClassUID), []).append(dataset)
     return found
-
-
-def region_centres_mm(
-    sr: hd.sr.Comprehensive3DSR, source: dict[str, pydicom.Dataset]
-) -> list[npt.NDArray[np.float64]]:
-    """The centre of each nodule's 2D outline in the SR, in patient coordinates, through the geometry
-    of the source image the outline is drawn on."""
-    centres = []
-    for group in sr.content.get_planar_roi_measurement_groups():
-        region = group.roi
-        assert region is not None, "a planar group without its image region"
-        uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        image = source[uid]
-        outline = np.asarray(region.value, dtype=np.float64)[:-1]  # a closed polyline repeats its start
-        column, row = outline.mean(axis=0)
-        orientation = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
-        row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
-        centre = (
-            np.asarray(image.ImagePositionPatient, dtype=np.float64)
-            + (column - 0.5) * column_spacing * orientation[:3]
-            + (row - 0.5) * row_spacing * orientation[3:]
-        )
-        centres.append(centre)
-    return centres
 
 
 @pytest.mark.usefixtures("dcmtk")
@@ -105,7 +81,8 @@ def test_storescu_to_node_to_storescp(lidc_series_dir: Callable[[str], Path]) ->
     assert len(seg.SegmentSequence) == len(sr.content.get_planar_roi_measurement_groups()) >= 1
 
     nodule = read_lidc_case(series_dir).targets()[0]
-    distances = [float(np.linalg.norm(c - nodule.centre_xyz)) for c in region_centres_mm(sr, source)]
+    reported = reported_nodules(objects[SR_CLASS][0], source)
+    distances = [float(np.linalg.norm(np.subtract(n.centre_mm, nodule.centre_xyz))) for n in reported]
     assert min(distances) <= 10.0, distances
 
 
