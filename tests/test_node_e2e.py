@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -156,3 +158,21 @@ def test_orthanc_forwards_to_node_and_gets_one_sr_and_one_seg(
     counts = {str(s["Modality"]): s["Instances"] for s in series}
     assert counts == {"CT": len(files), "SEG": 1, "SR": 1}
     assert [j["status"] for j in jobs] == ["done"]
+
+
+@pytest.mark.usefixtures("dcmtk")
+def test_a_job_survives_its_worker_dying(lidc_series_dir: Callable[[str], Path]) -> None:
+    """Tasks are acknowledged late: when the process analysing a study is killed, the job runs again in a
+    new worker process and the results still arrive, once."""
+    files = ct_files(lidc_series_dir("LIDC-IDRI-0001"))
+    with Storescp(ae_title="PACS") as pacs, RunningNode(destinations=[f"PACS@127.0.0.1:{pacs.port}"]) as node:
+        storescu(files, node.port, node.ae_title, calling_aet="PACS")
+        running = node.wait_for_job("running", timeout=60)
+        worker = node.job(running["id"])["worker"]
+        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
+        received = pacs.wait_for(2, timeout=ANALYSIS_TIMEOUT_S)
+        job = node.wait_for_job("done", timeout=30)
+        details = node.job(job["id"])
+        assert details["attempts"] == 2
+        assert details["worker"] != worker
+        assert len(received) == 2 and len(node.jobs()) == 1
