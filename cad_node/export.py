@@ -79,7 +79,10 @@ def send_files(
             if len(ae.requested_contexts) >= MAX_CONTEXTS:
                 raise ExportError(f"more than {MAX_CONTEXTS} kinds of object in one send; send fewer at once")
             ae.add_requested_context(sop_class, syntax)
-    association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    try:
+        association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    except OSError as error:  # e.g. a host name that does not resolve: pynetdicom lets it through
+        raise ExportError(f"{peer} could not be reached ({error})") from error
     if not association.is_established:
         why = "rejected the association" if association.is_rejected else "could not be reached"
         raise ExportError(f"{peer} {why}")

@@ -184,7 +184,8 @@ class Listener:
                     transfer_syntax=received.transfer_syntax,
                 )
             )
-            study.instance_count += 1
+            # In SQL, not in Python: concurrent associations adding to one study must not lose counts.
+            study.instance_count = Study.instance_count + 1  # type: ignore[assignment]
             study.last_received_at = utcnow()
         return Outcome.STORED
 
@@ -200,5 +201,6 @@ class Listener:
                 note="",
             )
             session.add(study)
+            session.flush()  # a row to count on (see _keep_once); a concurrent insert fails here
             log.info("receiving a new study from %s", received.calling_ae)
         return study

@@ -187,4 +187,5 @@ class Settings(BaseSettings):
 
 
 def _without_password(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", url)
+    # Up to the last "@" before the path: a password may hold an unescaped "@"; redis has no user.
+    return re.sub(r"://([^:/@]*):[^/]*@", r"://\1:***@", url)

@@ -66,7 +66,7 @@ class StudyAssembler:
             job_id = self.assemble(study_id, now)
             if job_id is not None:
                 queued.append(job_id)
-        for job_id in [*queued, *self.overdue_jobs(now)]:
+        for job_id in dict.fromkeys([*queued, *self.overdue_jobs(now)]):  # once each, in order
             self._enqueue(job_id)
         return queued
 
@@ -134,11 +134,15 @@ class StudyAssembler:
         log.info("study %d: %s", study.id, study.note)
 
     def overdue_jobs(self, now: dt.datetime) -> list[int]:
-        """Queued jobs whose message was sent long ago, and running jobs whose worker is gone: their
-        messages are sent again (a job is claimed once, so a duplicate message does nothing)."""
+        """Queued jobs whose message was sent long ago or could not be sent, and running jobs whose
+        worker is gone: their messages are sent again (a job is claimed once, so a duplicate message
+        does nothing)."""
         with self.database.session() as session:
             waiting = session.scalars(
-                select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < now - REQUEUE_AFTER)
+                select(Job).where(
+                    Job.status == JobStatus.QUEUED,
+                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - REQUEUE_AFTER),
+                )
             ).all()
             running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
             lost = [job for job in running if worker_is_gone(job, now)]
