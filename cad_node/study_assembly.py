@@ -3,7 +3,8 @@
 Instances that arrive after a study was assembled make it due again; it is analysed again only if
 the chosen series changed (another series, or other instances in it), and the earlier job is then
 marked superseded, so results are never duplicated silently. The same loop sends again the messages
-of jobs that sat queued too long, and takes back jobs whose worker died.
+of jobs that sat queued too long, takes back jobs whose worker died, and sends again the export
+messages of deliveries that stopped moving.
 """
 
 from __future__ import annotations
@@ -17,10 +18,20 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from cad_node.job_database import Instance, Job, JobDatabase, JobStatus, Study, StudyStatus, utcnow
+from cad_node.job_database import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Job,
+    JobDatabase,
+    JobStatus,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from cad_node.job_queue import JobQueue
 from cad_node.series_selection import Selection, SelectionRules, select_series, summarise_study
 
@@ -68,6 +79,9 @@ class StudyAssembler:
                 queued.append(job_id)
         for job_id in dict.fromkeys([*queued, *self.overdue_jobs(now)]):  # once each, in order
             self._enqueue(job_id)
+        for job_id, destination in self.overdue_deliveries(now):
+            log.warning("job %d: delivery to %s has not moved for a while; queued again", job_id, destination)
+            self._enqueue_export(job_id, destination, now)
         return queued
 
     def assemble(self, study_id: int, now: dt.datetime) -> int | None:
@@ -150,6 +164,30 @@ class StudyAssembler:
                 log.warning("job %d: its worker %s is gone; queued again", job.id, job.worker)
                 job.status = JobStatus.QUEUED
             return [job.id for job in [*waiting, *lost]]
+
+    def overdue_deliveries(self, now: dt.datetime) -> list[tuple[int, str]]:
+        """Deliveries waiting far longer than any back-off: their export message was lost."""
+        with self.database.session() as session:
+            rows = session.execute(
+                select(Delivery.job_id, Delivery.destination).where(
+                    Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.RETRYING]),
+                    Delivery.updated_at < now - REQUEUE_AFTER,
+                )
+            ).all()
+            return [(int(job_id), str(destination)) for job_id, destination in rows]
+
+    def _enqueue_export(self, job_id: int, destination: str, now: dt.datetime) -> None:
+        try:
+            self.queue.export(job_id, destination)
+        except Exception as error:
+            log.error("job %d: could not reach the queue (%s); will try again", job_id, error)
+            return
+        with self.database.session() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.job_id == job_id, Delivery.destination == destination)
+                .values(updated_at=now)
+            )
 
     def _enqueue(self, job_id: int) -> None:
         try:

@@ -21,8 +21,17 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from cad_node.job_database import Job, JobDatabase, JobStatus, Study, StudyStatus, utcnow
-from cad_node.job_queue import ANALYSE_TASK, ANALYSIS_QUEUE, JobQueue, make_celery
+from cad_node.job_database import (
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobDatabase,
+    JobStatus,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from cad_node.job_queue import ANALYSE_TASK, ANALYSIS_QUEUE, EXPORT_QUEUE, EXPORT_TASK, JobQueue, make_celery
 from cad_node.listener import SUCCESS, Listener
 from cad_node.schema_migration import upgrade
 from cad_node.settings import Settings
@@ -299,3 +308,21 @@ def test_job_whose_message_could_not_be_sent_is_sent_by_a_later_tick(
     assert node.assembler.tick() == []  # nothing new to assemble, but the job's message goes now
     assert queued_messages(node) == [(ANALYSE_TASK, [job_id])]
     assert jobs(node)[0].enqueued_at is not None
+
+
+def test_delivery_that_stopped_moving_gets_its_export_message_again(
+    node: Node, ordered_slices: list[Path]
+) -> None:
+    receive(node, ordered_slices)
+    [job_id] = node.assembler.tick(now=quiet_for(node, QUIET_S + 1))
+    with node.database.session() as session:
+        session.get_one(Job, job_id).status = JobStatus.DONE
+        session.add(Delivery(job_id=job_id, destination="PACS@127.0.0.1:104", status=DeliveryStatus.RETRYING))
+    with node.database.session() as session:
+        [delivery] = session.scalars(select(Delivery)).all()
+    assert node.assembler.overdue_deliveries(delivery.updated_at + REQUEUE_AFTER / 2) == []
+    later = delivery.updated_at + REQUEUE_AFTER + dt.timedelta(seconds=1)
+    assert node.assembler.overdue_deliveries(later) == [(job_id, "PACS@127.0.0.1:104")]
+    node.assembler.tick(now=later)
+    assert queued_messages(node, EXPORT_QUEUE) == [(EXPORT_TASK, [job_id, "PACS@127.0.0.1:104"])]
+    assert node.assembler.overdue_deliveries(later) == []  # its clock restarted: sent once
