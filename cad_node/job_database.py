@@ -75,6 +75,8 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     # When the series were last chosen; instances received after it make the study due again.
     selected_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # When the retention policy removed the received instances from the store.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     note: Mapped[str] = mapped_column(Text, default="")
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -108,6 +110,9 @@ class Job(Base):
     series_fingerprint: Mapped[str] = mapped_column(String(64), default="")
     selection: Mapped[dict[str, Any]] = mapped_column(default=dict)
     reason: Mapped[str] = mapped_column(Text, default="")
+    error_trace: Mapped[str] = mapped_column(
+        Text, default="", server_default=""
+    )  # the traceback of a failure, for admins
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     model_version: Mapped[str] = mapped_column(String(32), default="")
     worker: Mapped[str] = mapped_column(String(128), default="")
@@ -187,6 +192,23 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+    attempt_log: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id"
+    )
+
+
+class DeliveryAttempt(Base):
+    """One C-STORE attempt of a delivery: when, how long, and what went wrong."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    seconds: Mapped[float] = mapped_column(Float)
+    error: Mapped[str] = mapped_column(Text, default="")
+
+    delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")
 
 
 def make_engine(url: str) -> Engine:

@@ -11,9 +11,11 @@ import logging
 import os
 import socket
 import time
+import traceback
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from cad_node.algorithm import AlgorithmIdentity
 from cad_node.job_database import (
@@ -30,7 +32,7 @@ from cad_node.job_database import (
     utcnow,
 )
 from cad_node.job_queue import JobQueue
-from cad_node.result_encoding import encode_results, write_results
+from cad_node.result_encoding import EncodedResults, encode_results, write_results
 from cad_node.settings import Settings
 from cad_node.study_assembly import worker_is_gone
 from models.findings import Finding
@@ -140,9 +142,9 @@ def run_analysis(job_id: int, settings: Settings, database: JobDatabase, queue: 
     except Exception as error:
         log.exception("job %d failed", job_id)
         with database.session() as session:
-            _finish(
-                session, session.get_one(Job, job_id), JobStatus.FAILED, f"{type(error).__name__}: {error}"
-            )
+            job = session.get_one(Job, job_id)
+            job.error_trace = traceback.format_exc()
+            _finish(session, job, JobStatus.FAILED, f"{type(error).__name__}: {error}")
         return
     for destination in settings.destinations:
         queue.export(job_id, destination)
@@ -159,7 +161,7 @@ def _record(
     job_id: int,
     version: str,
     findings: list[Finding],
-    results: object,
+    results: EncodedResults,
     written: list[Path],
     destinations: list[str],
 ) -> None:
@@ -198,7 +200,7 @@ def _record(
         _finish(session, job, JobStatus.DONE, f"{len(findings)} nodules found")
 
 
-def _finish(session: object, job: Job, status: JobStatus, reason: str) -> None:
+def _finish(session: Session, job: Job, status: JobStatus, reason: str) -> None:
     job.status = status
     job.reason = reason
     job.finished_at = utcnow()

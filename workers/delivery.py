@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from sqlalchemy import select
 
 from cad_node.export import ExportError, send_files
-from cad_node.job_database import Delivery, DeliveryStatus, JobDatabase, ResultObject, utcnow
+from cad_node.job_database import Delivery, DeliveryAttempt, DeliveryStatus, JobDatabase, ResultObject, utcnow
 from cad_node.settings import Peer, Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def run_delivery(job_id: int, destination: str, settings: Settings, database: Jo
             Path(p) for p in session.scalars(select(ResultObject.path).where(ResultObject.job_id == job_id))
         ]
     error = ""
+    started_at, clock = utcnow(), time.perf_counter()
     try:
         report = send_files(paths, Peer.parse(destination), settings.ae_title)
         if not report.ok:
@@ -37,6 +39,14 @@ def run_delivery(job_id: int, destination: str, settings: Settings, database: Jo
     with database.session() as session:
         delivery = session.get_one(Delivery, delivery.id)
         delivery.updated_at = utcnow()
+        session.add(
+            DeliveryAttempt(
+                delivery=delivery,
+                started_at=started_at,
+                seconds=round(time.perf_counter() - clock, 3),
+                error=error,
+            )
+        )
         if not error:
             delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = utcnow()
