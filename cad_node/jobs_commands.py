@@ -36,6 +36,7 @@ def job_details(job: Job) -> dict[str, Any]:
     return {
         **job_summary(job),
         "attempts": job.attempts,
+        "error_trace": job.error_trace,
         "worker": job.worker,
         "model_version": job.model_version,
         "study_instances": job.study.instance_count,
@@ -52,6 +53,14 @@ def job_details(job: Job) -> dict[str, Any]:
                 "status": d.status,
                 "attempts": d.attempts,
                 "last_error": d.last_error,
+                "attempt_log": [
+                    {
+                        "started_at": a.started_at.isoformat(timespec="seconds") + "Z",
+                        "seconds": a.seconds,
+                        "error": a.error,
+                    }
+                    for a in d.attempt_log
+                ],
                 "delivered_at": d.delivered_at.isoformat(timespec="seconds") + "Z"
                 if d.delivered_at
                 else None,
