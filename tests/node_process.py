@@ -126,3 +126,121 @@ class RunningNode:
             if self._workdir is not None:
                 self._workdir.cleanup()
             self._workdir = None
+
+
+class SplitNode:
+    """The node as a hospital runs it: `cad-node listen` and separate `cad-node worker` processes sharing
+    a broker and a job database given by URL (Redis and PostgreSQL in production)."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        database_url: str,
+        analysis_workers: int,
+        destinations: Sequence[str] = (),
+        allowed_callers: Sequence[str] = (),
+        quiet_period_s: float = 2.0,
+    ) -> None:
+        self.environment = {k: v for k, v in os.environ.items() if not k.startswith("CAD_NODE_")}
+        self.environment |= {
+            "CAD_NODE_BROKER_URL": broker_url,
+            "CAD_NODE_DATABASE_URL": database_url,
+            "CAD_NODE_DESTINATIONS": json.dumps(list(destinations)),
+            "CAD_NODE_ALLOWED_CALLERS": json.dumps(list(allowed_callers)),
+            "CAD_NODE_QUIET_PERIOD_S": str(quiet_period_s),
+            "CAD_NODE_AE_TITLE": NODE_AET,
+            # Two analysis processes share two cores.
+            "OMP_NUM_THREADS": "1",
+        }
+        self.analysis_workers = analysis_workers
+        self.port = free_port()
+        self.ae_title = NODE_AET
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    @property
+    def root(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError("the node is not running (use it as a context manager)")
+        return Path(self._workdir.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def _start(self, name: str, *arguments: str) -> None:
+        log = (self.root / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cad_node", *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.environment, "CAD_NODE_DATA_DIR": str(self.data_dir)},
+        )
+        log.close()
+        self._processes.append((name, process))
+
+    def __enter__(self) -> Self:
+        self._workdir = tempfile.TemporaryDirectory(prefix="cad-node-split-")
+        done = subprocess.run(
+            [sys.executable, "-m", "cad_node", "db", "upgrade"],
+            env={**self.environment, "CAD_NODE_DATA_DIR": str(self.data_dir)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cad-node db upgrade failed:\n{done.stdout}{done.stderr}")
+        self._start("listener", "listen", "--port", str(self.port))
+        for number in range(self.analysis_workers):
+            self._start(f"analysis-{number}", "worker", "--queue", "analysis", "--concurrency", "1")
+        self._start("export", "worker", "--queue", "export")
+        wait_until(self._ready, 90, interval=0.3, what="listener and workers")
+        return self
+
+    def _ready(self) -> bool:
+        self.check_alive()
+        logs = {name: (self.root / f"{name}.log").read_text(errors="replace") for name, _ in self._processes}
+        return "listening as" in logs["listener"] and all(
+            " ready." in text for name, text in logs.items() if name != "listener"
+        )
+
+    def check_alive(self) -> None:
+        for name, process in self._processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        return _log_tail(self.root / f"{name}.log")
+
+    def cli(self, *arguments: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "cad_node", *arguments],
+            env={**self.environment, "CAD_NODE_DATA_DIR": str(self.data_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cad-node {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli("jobs", "list", "--json", "--limit", "1000")))
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        try:
+            for _, process in self._processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for _, process in self._processes:
+                _stop(process, grace=30)
+            if kind is not None:
+                for name, _ in self._processes:
+                    print(f"--- {name} log ---\n{self.log(name)}", file=sys.stderr)
+        finally:
+            if self._workdir is not None:
+                self._workdir.cleanup()
+            self._workdir = None

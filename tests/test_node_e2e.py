@@ -26,12 +26,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-@pytest.fixture
-def dcmtk(require_tool: Callable[[str], str]) -> None:
-    for program in ("storescp", "storescu", "echoscu", "dciodvfy"):
-        require_tool(program)
-
-
 def ct_files(series_dir: Path) -> list[Path]:
     return sorted(series_dir.glob("*.dcm"))
 

@@ -3,30 +3,19 @@ and on the real PostgreSQL at 127.0.0.1:5432 (skipped when unreachable, failing 
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect, select, text
 
 from cad_node.job_database import Base, JobDatabase, Study, make_engine
 from cad_node.schema_migration import alembic_config, current_revision, head_revision, upgrade
 
-POSTGRES_URL = os.environ.get("CAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"studies", "instances", "jobs", "steps", "findings", "results", "deliveries"}
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI is set: CI must provide PostgreSQL")
-    pytest.skip(reason)
 
 
 def differences(url: str) -> list[Any]:
@@ -99,29 +88,6 @@ def test_comparison_sees_a_difference(sqlite_url: str) -> None:
         connection.execute(text("ALTER TABLE jobs DROP COLUMN heartbeat_at"))
     engine.dispose()
     assert [d[0] for d in differences(sqlite_url)] == ["add_column"]
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server, dropped afterwards."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        _unavailable("the PostgreSQL driver psycopg is not installed (pip install 'psycopg[binary]')")
-    server = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    name = f"cadnode_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with server.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:
-        server.dispose()
-        _unavailable(f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string()} cannot be reached ({error})")
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with server.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        server.dispose()
 
 
 def test_postgresql_upgrade_gives_the_models_schema_and_is_idempotent(postgres_url: str) -> None:
