@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cad_node.jobs_commands import jobs
-from cad_node.node_commands import config, db, demo, listen, send, up, worker
+from cad_node.node_commands import config, dashboard, db, demo, listen, send, up, worker
 from cad_node.settings import CONFIG_VARIABLE
 
 
@@ -31,7 +31,7 @@ def main(config_file: Path | None) -> None:
         os.environ[CONFIG_VARIABLE] = str(config_file.resolve())
 
 
-for _command in (up, listen, worker, send, demo, config, db, jobs):
+for _command in (up, listen, worker, send, demo, config, db, jobs, dashboard):
     main.add_command(_command)
 
 
@@ -108,9 +108,20 @@ def _echo_progress(started: float) -> Callable[[str], None]:
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for findings.json."
 )
 @click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
-def analyze(series_dir: Path, out_dir: Path, device: str | None) -> None:
+@click.option(
+    "--extras",
+    default="gsps,kos,summary",
+    show_default=True,
+    help="Extra DICOM results, comma-separated (gsps, kos, summary), or 'none'.",
+)
+def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) -> None:
     """Run the shipped pipeline on a CT series and write DIR/findings.json, DIR/sr.dcm and, when there are
-    findings, DIR/seg.dcm."""
+    findings, DIR/seg.dcm; and the extras: DIR/gsps.dcm, kos.dcm (with findings), summary.dcm (PDF)."""
+    from cad_node.result_encoding import EXTRA_OUTPUTS
+
+    chosen = [] if extras.strip() == "none" else [e.strip() for e in extras.split(",") if e.strip()]
+    if not set(chosen) <= set(EXTRA_OUTPUTS):
+        raise click.BadParameter(f"choose among {', '.join(EXTRA_OUTPUTS)}, or 'none'", param_hint="--extras")
     from models.pipeline import Pipeline
     from models.pipeline import analyze as run_pipeline
     from models.series_loading import SeriesError, load_series
@@ -149,7 +160,10 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None) -> None:
     from models.pipeline import WEIGHTS_DIR
 
     algorithm = AlgorithmIdentity.for_weights(pipeline.version, WEIGHTS_DIR)
-    results = encode_results(series.headers, series.frame_numbers, analysis.findings, algorithm)
+    findings = analysis.findings
+    results = encode_results(
+        series.headers, series.frame_numbers, findings, algorithm, extras=chosen, volume=series.volume
+    )
     for written in write_results(results, out_dir):
         click.echo(f"DICOM result: {written}")
 

@@ -24,6 +24,9 @@ import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
     SegmentationStorage,
     Verification,
 )
@@ -57,7 +60,14 @@ class ThrowawayPacs:
         self.folder = folder
         self.port = free_port()
         self._ae = AE(ae_title=PACS_AET)
-        for sop_class in (Comprehensive3DSRStorage, SegmentationStorage):
+        result_classes = (
+            Comprehensive3DSRStorage,
+            SegmentationStorage,
+            GrayscaleSoftcopyPresentationStateStorage,
+            KeyObjectSelectionDocumentStorage,
+            EncapsulatedPDFStorage,
+        )
+        for sop_class in result_classes:
             self._ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         self._ae.add_supported_context(Verification)
         self._server: Any = None

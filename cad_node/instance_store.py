@@ -6,10 +6,12 @@ before they become path parts, so nothing a sender puts in a UID can write outsi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -24,9 +26,8 @@ def is_uid(text: str) -> bool:
 
 
 class InstanceStore:
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.min_free_bytes = min_free_bytes
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_instance_uid):
@@ -38,11 +39,9 @@ class InstanceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return shutil.disk_usage(self.root).free
 
-    def has_room(self, size: int) -> bool:
-        return self.free_bytes() - size >= self.min_free_bytes
-
-    def write(self, path: Path, data: bytes) -> None:
-        """`data` at `path`, complete or not at all: a temporary file beside it, flushed to disk, renamed."""
+    def write(self, path: Path, data: bytes) -> tuple[int, int]:
+        """`data` at `path`, complete or not at all: a temporary file beside it, flushed to disk, renamed.
+        The file's (device, inode), which tell this write's file from a later one at the same path."""
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
         try:
@@ -50,11 +49,26 @@ class InstanceStore:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+                written = os.fstat(handle.fileno())
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
         _fsync_directory(path.parent)
+        return written.st_dev, written.st_ino
+
+    def remove_stale_parts(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files a killed writer left behind; how many."""
+        removed = 0
+        if not self.root.is_dir():
+            return removed
+        limit = time.time() - older_than_s
+        for part in self.root.rglob(".incoming-*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if part.is_file() and not part.is_symlink() and part.stat().st_mtime < limit:
+                    part.unlink()
+                    removed += 1
+        return removed
 
 
 def _fsync_directory(folder: Path) -> None:

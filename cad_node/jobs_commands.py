@@ -10,7 +10,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from cad_node.job_database import Delivery, DeliveryStatus, Job, JobDatabase, JobStatus, Study
+from cad_node.job_database import DeliveryStatus, Job, JobDatabase
 from cad_node.node_commands import load_settings
 
 
@@ -41,6 +41,10 @@ def job_details(job: Job) -> dict[str, Any]:
         "model_version": job.model_version,
         "study_instances": job.study.instance_count,
         "study_note": job.study.note,
+        "study_files": "kept"
+        if job.study.purged_at is None
+        else f"received instances and result files removed by the retention policy at "
+        f"{job.study.purged_at.isoformat(timespec='seconds')}Z (the records stay)",
         "selection": job.selection,
         "steps": [{"name": s.name, "seconds": s.seconds} for s in job.steps],
         "findings": [f.details for f in job.findings],
@@ -144,37 +148,12 @@ def jobs_show(job_id: int, data_dir: Path | None) -> None:
 def jobs_retry(job_id: int, data_dir: Path | None) -> None:
     """Run a failed job again, or send its results again where a delivery failed."""
     from cad_node.job_queue import JobQueue, make_celery
+    from cad_node.job_retry import RetryError, retry_job
 
     settings = load_settings(data_dir=data_dir)
     database = JobDatabase(settings.effective_database_url)
-    queue = JobQueue(make_celery(settings))
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise click.ClickException(f"no job {job_id}")
-        if job.status == JobStatus.FAILED:
-            job.status = JobStatus.QUEUED
-            job.attempts = 0
-            job.reason = "retried by an admin"
-            session.get_one(Study, job.study_id).status = "queued"
-            action = "analysis queued again"
-            exports: list[str] = []
-        else:
-            failed = session.scalars(
-                select(Delivery).where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
-            ).all()
-            if not failed:
-                raise click.ClickException(
-                    f"job {job_id} is {job.status} with no failed delivery: nothing to retry"
-                )
-            for delivery in failed:
-                delivery.status = DeliveryStatus.PENDING
-                delivery.attempts = 0
-            exports = [d.destination for d in failed]
-            action = "delivery queued again to " + ", ".join(exports)
-    if exports:
-        for destination in exports:
-            queue.export(job_id, destination)
-    else:
-        queue.analyse(job_id)
+    try:
+        action = retry_job(database, JobQueue(make_celery(settings)), job_id)
+    except RetryError as refused:
+        raise click.ClickException(str(refused)) from refused
     click.echo(f"job {job_id}: {action}")

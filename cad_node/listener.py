@@ -7,6 +7,7 @@ anything else (the node's own SR and SEG coming back, for instance) is acknowled
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cad_node.disk_watermark import DiskFullError, DiskWatermark
 from cad_node.instance_store import InstanceStore, StoreError, is_uid
 from cad_node.job_database import Instance, JobDatabase, Study, StudyStatus, utcnow
 from cad_node.settings import Caller, Settings
@@ -61,7 +63,10 @@ class Listener:
     def __init__(self, settings: Settings, database: JobDatabase) -> None:
         self.settings = settings
         self.database = database
-        self.store = InstanceStore(settings.instances_dir, settings.min_free_disk_mb * 1024 * 1024)
+        self.store = InstanceStore(settings.instances_dir)
+        self.disk = DiskWatermark.from_settings(settings)
+        self.quiet = dt.timedelta(seconds=settings.quiet_period_s)
+        self._refused_for_disk: set[str] = set()  # studies whose refusal was logged: once each
         self.callers = settings.callers
         self.sop_classes = set(settings.selection_rules.sop_classes)
         self._server: ThreadedAssociationServer | None = None
@@ -140,6 +145,9 @@ class Listener:
             return CANNOT_UNDERSTAND
         try:
             outcome = self.keep(received, event.encoded_dataset(include_meta=True))
+        except DiskFullError as refusal:
+            self._log_disk_refusal(caller[0], received.study_uid, refusal)
+            return OUT_OF_RESOURCES
         except StoreError as error:
             log.error("refused an instance from %s: %s", caller[0], error)
             return OUT_OF_RESOURCES
@@ -147,31 +155,71 @@ class Listener:
             log.exception("refused an instance from %s: could not store or record it", caller[0])
             return OUT_OF_RESOURCES
         log.debug("%s %s", outcome, received.sop_instance_uid)
+        if self._refused_for_disk:
+            self._refused_for_disk.clear()  # room again: the next refusal is news
         return SUCCESS
 
-    def keep(self, received: Received, data: bytes) -> Outcome:
-        """Write the instance and record it, in one transaction; the same SOP instance is kept once."""
-        path = self.store.path_for(received.study_uid, received.series_uid, received.sop_instance_uid)
-        for _ in range(3):
-            try:
-                return self._keep_once(received, data, path)
-            except IntegrityError:
-                # Another association recorded this instance, or created its study, meanwhile: look again.
-                continue
-        raise StoreError("the job database kept refusing the instance (conflicting inserts)")
+    def _log_disk_refusal(self, caller: str, study_uid: str, refusal: DiskFullError) -> None:
+        if study_uid in self._refused_for_disk:
+            log.debug("refused an instance from %s: %s", caller, refusal)
+            return
+        if len(self._refused_for_disk) > 10_000:
+            self._refused_for_disk.clear()
+        self._refused_for_disk.add(study_uid)
+        log.error("refused an instance from %s (logged once per study): %s", caller, refusal)
 
-    def _keep_once(self, received: Received, data: bytes, path: Path) -> Outcome:
+    def keep(self, received: Received, data: bytes) -> Outcome:
+        """Write the instance and record it, in one transaction; the same SOP instance is kept once.
+        On any failure no file of it is left in the store unless the job database records it."""
+        path = self.store.path_for(received.study_uid, received.series_uid, received.sop_instance_uid)
+        written: list[tuple[int, int]] = []  # the (device, inode) of each file this call wrote
+        try:
+            for _ in range(3):
+                try:
+                    return self._keep_once(received, data, path, written)
+                except IntegrityError:
+                    # Another association recorded this instance, or created its study, meanwhile: look again.
+                    continue
+            raise StoreError("the job database kept refusing the instance (conflicting inserts)")
+        except BaseException:
+            if written:
+                self._discard_unrecorded(received.sop_instance_uid, path, written)
+            raise
+
+    def _discard_unrecorded(self, sop_instance_uid: str, path: Path, written: list[tuple[int, int]]) -> None:
+        """The file was written but its transaction failed (a full disk under the database, say): remove
+        it, unless another association wrote or recorded the same instance meanwhile."""
+        try:
+            current = path.stat()
+        except OSError:
+            return
+        if (current.st_dev, current.st_ino) not in written:
+            return
+        try:
+            with self.database.session() as session:
+                recorded = session.scalar(
+                    select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+                )
+        except Exception as error:
+            log.warning("an unrecorded instance file may be left in the store (%s)", error)
+            return
+        if recorded is None:  # else another association kept the same instance: its file stays
+            path.unlink(missing_ok=True)
+
+    def _keep_once(
+        self, received: Received, data: bytes, path: Path, written: list[tuple[int, int]]
+    ) -> Outcome:
         with self.database.session() as session:
             if session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == received.sop_instance_uid)
             ):
                 return Outcome.DUPLICATE
-            if not self.store.has_room(len(data)):
-                raise StoreError(
-                    f"less than {self.settings.min_free_disk_mb} MB would be left free in {self.store.root}"
-                )
-            study = self._study(session, received)
-            self.store.write(path, data)
+            study = session.scalar(select(Study).where(Study.study_uid == received.study_uid))
+            refusal = self.disk.refusal(self.store.free_bytes(), len(data), self._in_progress(study))
+            if refusal is not None:
+                raise DiskFullError(f"{refusal} (store {self.store.root})")
+            study = study or self._new_study(session, received)
+            written.append(self.store.write(path, data))
             session.add(
                 Instance(
                     sop_instance_uid=received.sop_instance_uid,
@@ -189,18 +237,22 @@ class Listener:
             study.last_received_at = utcnow()
         return Outcome.STORED
 
-    def _study(self, session: Session, received: Received) -> Study:
-        study = session.scalar(select(Study).where(Study.study_uid == received.study_uid))
+    def _in_progress(self, study: Study | None) -> bool:
+        """Being received: not yet complete, or an instance of it arrived within the quiet period."""
         if study is None:
-            study = Study(
-                study_uid=received.study_uid,
-                calling_ae=received.calling_ae,
-                calling_host=received.calling_host,
-                status=StudyStatus.RECEIVING,
-                instance_count=0,
-                note="",
-            )
-            session.add(study)
-            session.flush()  # a row to count on (see _keep_once); a concurrent insert fails here
-            log.info("receiving a new study from %s", received.calling_ae)
+            return False
+        return study.status == StudyStatus.RECEIVING or study.last_received_at > utcnow() - self.quiet
+
+    def _new_study(self, session: Session, received: Received) -> Study:
+        study = Study(
+            study_uid=received.study_uid,
+            calling_ae=received.calling_ae,
+            calling_host=received.calling_host,
+            status=StudyStatus.RECEIVING,
+            instance_count=0,
+            note="",
+        )
+        session.add(study)
+        session.flush()  # a row to count on (see _keep_once); a concurrent insert fails here
+        log.info("receiving a new study from %s", received.calling_ae)
         return study

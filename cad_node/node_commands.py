@@ -64,12 +64,15 @@ def node_options(command: Any) -> Any:
 
 @click.command()
 @node_options
+@click.option("--dashboard-port", type=int, help="Also serve the admin dashboard on this HTTP port.")
 def up(verbose: bool, **options: Any) -> None:
     """Run the whole node on this machine: listener, study assembly, analysis and export workers."""
     from cad_node.node_runtime import run_up
 
     configure_logging(verbose)
     settings = load_settings(**options)
+    if settings.dashboard_port and not settings.admin_token:
+        raise click.UsageError("set CAD_NODE_ADMIN_TOKEN: the dashboard refuses everyone without it")
     run_up(settings, announce=lambda line: click.echo(line, err=True))
 
 
@@ -89,11 +92,12 @@ def listen(verbose: bool, **options: Any) -> None:
 @click.option("--queue", type=click.Choice(["analysis", "export"]), default="analysis", show_default=True)
 @click.option("--concurrency", type=int, help="Processes (analysis) or threads (export).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Data folder.")
-def worker(queue: str, concurrency: int | None, data_dir: Path | None) -> None:
+@click.option("--device", help="torch device for the analysis, e.g. cuda:1 (one worker per GPU) or cpu.")
+def worker(queue: str, concurrency: int | None, data_dir: Path | None, device: str | None) -> None:
     """Run a worker: analyses studies (loads the networks once per process) or exports results."""
     from cad_node.schema_migration import current_revision, head_revision
 
-    settings = load_settings(data_dir=data_dir)
+    settings = load_settings(data_dir=data_dir, device=device)
     os.environ.update(settings.as_environment())
     if current_revision(settings.effective_database_url) != head_revision():
         raise click.ClickException(
@@ -102,6 +106,36 @@ def worker(queue: str, concurrency: int | None, data_dir: Path | None) -> None:
     from workers.worker_main import run_worker
 
     run_worker(queue, concurrency or (settings.analysis_concurrency if queue == "analysis" else 4))
+
+
+@click.command()
+@click.option("--port", type=int, help="HTTP port (default: the dashboard_port setting, else 8080).")
+@click.option("--host", help="Address to bind (default: the dashboard_host setting, 127.0.0.1).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Data folder.")
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def dashboard(port: int | None, host: str | None, data_dir: Path | None, verbose: bool) -> None:
+    """Serve the admin dashboard and /metrics (login: the token in CAD_NODE_ADMIN_TOKEN)."""
+    from cad_node.dashboard.serving import dashboard_server
+    from cad_node.job_database import JobDatabase
+    from cad_node.schema_migration import current_revision, head_revision
+
+    configure_logging(verbose)
+    settings = load_settings(data_dir=data_dir)
+    if not settings.admin_token:
+        raise click.UsageError("set CAD_NODE_ADMIN_TOKEN: the dashboard refuses everyone without it")
+    if current_revision(settings.effective_database_url) != head_revision():
+        raise click.ClickException("the job database is not at this schema: run cad-node db upgrade")
+    try:
+        server = dashboard_server(
+            settings,
+            JobDatabase(settings.effective_database_url),
+            host or settings.dashboard_host,
+            port or settings.dashboard_port or 8080,
+        )
+    except OSError as error:
+        raise click.ClickException(f"cannot serve the dashboard: {error}") from error
+    click.echo(f"cad-node dashboard at {server.address}", err=True)
+    server.serve()
 
 
 @click.command()

@@ -15,6 +15,7 @@ from cad_node.job_queue import ANALYSIS_QUEUE, EXPORT_QUEUE, JobQueue, make_cele
 from cad_node.listener import Listener
 from cad_node.schema_migration import upgrade
 from cad_node.settings import Settings
+from cad_node.storage_retention import RetentionSweep
 from cad_node.study_assembly import StudyAssembler
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def run_listener(settings: Settings, database: JobDatabase, stop: threading.Even
     )
     thread = threading.Thread(target=assembler.run, args=(stop,), name="study-assembly", daemon=True)
     thread.start()
+    sweep = RetentionSweep(settings, database)
+    threading.Thread(target=sweep.run, args=(stop,), name="storage-retention", daemon=True).start()
     try:
         stop.wait()
     finally:
@@ -85,6 +88,12 @@ def stop_workers(workers: list[subprocess.Popen[bytes]], timeout_s: float = 20.0
 def run_up(settings: Settings, announce: Callable[[str], None]) -> None:
     """Listener, assembler and workers together, until SIGINT or SIGTERM (or a worker dies)."""
     database = prepare(settings)
+    dashboard = None
+    if settings.dashboard_port:
+        from cad_node.dashboard.serving import dashboard_server
+
+        dashboard = dashboard_server(settings, database, settings.dashboard_host, settings.dashboard_port)
+        dashboard.start()
     stop = stop_on_signals()
     workers = start_workers(settings)
 
@@ -100,9 +109,12 @@ def run_up(settings: Settings, announce: Callable[[str], None]) -> None:
     announce(
         f"cad-node is up: send CT studies to {settings.ae_title}@<this host>:{settings.port}; "
         f"results go to {destinations}; data in {settings.data_dir}"
+        + (f"; dashboard at {dashboard.address}" if dashboard else "")
     )
     try:
         run_listener(settings, database, stop)
     finally:
         stop_workers(workers)
+        if dashboard:
+            dashboard.stop()
         database.close()

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -83,11 +83,28 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite in the data folder.")
     broker_url: str = Field("", description="Celery broker; empty: an embedded filesystem queue.")
     quiet_period_s: float = Field(20.0, description="A study is complete after this long without instances.")
-    min_free_disk_mb: int = Field(1024, description="Refuse instances when less disk is free.")
+    min_free_disk_mb: int = Field(
+        1024, ge=0, description="The disk watermark: below this much free disk, new studies are refused."
+    )
+    disk_floor_mb: int = Field(
+        256, ge=0, description="Below this (at most the watermark), every instance is refused."
+    )
+    retention_hours: float = Field(
+        72.0, ge=0, description="Instances and results are removed this long after delivery; 0: kept."
+    )
     export_attempts: int = Field(6, description="C-STORE attempts per destination before failing.")
     export_backoff_s: float = Field(5.0, description="First wait between export attempts; doubles.")
     analysis_concurrency: int = Field(1, description="Studies analysed at once per worker.")
     device: str = Field("", description="torch device for the networks; empty: a GPU if any, else CPU.")
+    extra_outputs: list[Literal["gsps", "kos", "summary"]] = Field(
+        default_factory=lambda: ["gsps", "kos", "summary"],
+        description="Results beside SR and SEG: gsps (outlines), kos (key images), summary (PDF page).",
+    )
+    admin_token: str = Field(
+        "", repr=False, description="The admin dashboard's login token (bearer, or basic password)."
+    )
+    dashboard_host: str = Field("127.0.0.1", description="Address the admin dashboard binds to.")
+    dashboard_port: int = Field(0, description="The admin dashboard's HTTP port in `cad-node up`; 0: none.")
     max_slice_thickness_mm: float = 3.0
     min_coverage_mm: float = 150.0
     min_slices: int = 40
@@ -171,6 +188,7 @@ class Settings(BaseSettings):
         values = self.model_dump(mode="json")
         values["database_url"] = _without_password(self.effective_database_url)
         values["broker_url"] = _without_password(self.effective_broker_url)
+        values["admin_token"] = "***" if self.admin_token else ""
         values["config_file"] = os.environ.get(CONFIG_VARIABLE, "")
         values["allowed_callers (effective)"] = [str(c) for c in self.callers] or ["any (none configured)"]
         return values

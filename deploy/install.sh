@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the node and its tests need on a Debian machine: the DICOM tools (dcmtk: storescu,
-# dcmcjpeg; dicom3tools: dciodvfy) and a virtual environment in .venv with the project in it.
+# dcmcjpeg; dicom3tools: dciodvfy; pixelmed-apps: DicomSRValidator) and a virtual environment in
+# .venv with the project in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v dcmcjpeg >/dev/null || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+command -v DicomSRValidator >/dev/null || missing+=(pixelmed-apps)  # SR template checks (tests)
+command -v gs >/dev/null || missing+=(ghostscript)  # reads and renders the summary PDF (tests)
 command -v Orthanc >/dev/null || missing+=(orthanc orthanc-dicomweb)
+command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # browser tests
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     echo "installing Debian packages: ${missing[*]}"

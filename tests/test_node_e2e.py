@@ -24,6 +24,13 @@ pytestmark = pytest.mark.slow
 ANALYSIS_TIMEOUT_S = 300.0
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+# What the node sends per study with its default settings: SR and SEG, and the extras for viewers
+# without SR support (presentation state, key images, summary page).
+RESULT_CLASSES = sorted([SR_CLASS, SEG_CLASS, GSPS_CLASS, KOS_CLASS, PDF_CLASS])
+RESULT_MODALITIES = ["DOC", "KO", "PR", "SEG", "SR"]
 
 
 def ct_files(series_dir: Path) -> list[Path]:
@@ -45,13 +52,14 @@ def by_sop_class(files: list[Path]) -> dict[str, list[pydicom.Dataset]]:
 
 @pytest.mark.usefixtures("dcmtk")
 def test_storescu_to_node_to_storescp(lidc_series_dir: Callable[[str], Path]) -> None:
-    """Acceptance 1: LIDC-IDRI-0001 pushed by storescu comes back to storescp as one SR and one SEG
-    that pass dciodvfy, read back with highdicom, and place a nodule within 10 mm of the readers'."""
+    """Acceptance 1: LIDC-IDRI-0001 pushed by storescu comes back to storescp as one SR and one SEG (and
+    one of each extra object) that pass dciodvfy, read back with highdicom, and place a nodule within
+    10 mm of the readers'."""
     series_dir = lidc_series_dir("LIDC-IDRI-0001")
     files = ct_files(series_dir)
     with Storescp(ae_title="PACS") as pacs, RunningNode(destinations=[f"PACS@127.0.0.1:{pacs.port}"]) as node:
         storescu(files, node.port, node.ae_title, calling_aet="PACS")
-        received = pacs.wait_for(2, timeout=ANALYSIS_TIMEOUT_S)
+        received = pacs.wait_for(len(RESULT_CLASSES), timeout=ANALYSIS_TIMEOUT_S)
         job = node.wait_for_job("done", timeout=30)
         assert job["deliveries"] == {f"PACS@127.0.0.1:{pacs.port}": "delivered"}
 
@@ -60,11 +68,12 @@ def test_storescu_to_node_to_storescp(lidc_series_dir: Callable[[str], Path]) ->
         time.sleep(node.quiet_period_s + 3)
         assert len(node.jobs()) == 1
         assert node.job(job["id"])["study_instances"] == len(files)
-        assert len(pacs.received()) == 2
+        assert len(pacs.received()) == len(RESULT_CLASSES)
         objects = by_sop_class(received)
         errors = {path.name: dciodvfy_errors(path) for path in received}
 
-    assert sorted(objects) == sorted([SR_CLASS, SEG_CLASS])
+    assert sorted(objects) == RESULT_CLASSES
+    assert all(len(found) == 1 for found in objects.values())
     assert errors == {path.name: [] for path in received}
 
     source = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
@@ -125,7 +134,7 @@ def test_orthanc_forwards_to_node_and_gets_one_sr_and_one_seg(
     require_tool: Callable[[str], str], lidc_series_dir: Callable[[str], Path]
 ) -> None:
     """Acceptance 2: through a real Orthanc with auto-forwarding, the study ends with exactly one SR
-    series and one SEG series added, and nothing duplicated."""
+    series and one SEG series added (and one series of each extra object), and nothing duplicated."""
     require_tool("Orthanc")
     files = ct_files(lidc_series_dir("LIDC-IDRI-0001"))
     node = RunningNode()
@@ -148,9 +157,9 @@ def test_orthanc_forwards_to_node_and_gets_one_sr_and_one_seg(
             series = pacs.series_of_study(pacs.studies()[0])
             jobs = node.jobs()
     modalities = sorted(str(s["Modality"]) for s in series)
-    assert modalities == ["CT", "SEG", "SR"], series
+    assert modalities == sorted(["CT", *RESULT_MODALITIES]), series
     counts = {str(s["Modality"]): s["Instances"] for s in series}
-    assert counts == {"CT": len(files), "SEG": 1, "SR": 1}
+    assert counts == {"CT": len(files), **dict.fromkeys(RESULT_MODALITIES, 1)}
     assert [j["status"] for j in jobs] == ["done"]
 
 
@@ -164,9 +173,9 @@ def test_a_job_survives_its_worker_dying(lidc_series_dir: Callable[[str], Path])
         running = node.wait_for_job("running", timeout=60)
         worker = node.job(running["id"])["worker"]
         os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
-        received = pacs.wait_for(2, timeout=ANALYSIS_TIMEOUT_S)
+        received = pacs.wait_for(len(RESULT_CLASSES), timeout=ANALYSIS_TIMEOUT_S)
         job = node.wait_for_job("done", timeout=30)
         details = node.job(job["id"])
         assert details["attempts"] == 2
         assert details["worker"] != worker
-        assert len(received) == 2 and len(node.jobs()) == 1
+        assert len(received) == len(RESULT_CLASSES) and len(node.jobs()) == 1

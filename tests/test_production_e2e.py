@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 
 from tests.node_process import SplitNode
 from tests.peers import Storescp, storescu
+from tests.test_node_e2e import RESULT_MODALITIES
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,7 @@ def test_four_senders_eight_studies_on_redis_and_postgresql(
         )
         with node:
             assert push_all(groups, node.port, node.ae_title) == []
-            received = pacs.wait_for(2 * STUDIES, timeout=TIMEOUT_S)
+            received = pacs.wait_for(len(RESULT_MODALITIES) * STUDIES, timeout=TIMEOUT_S)
             jobs = node.jobs()
             details = [json.loads(node.cli("jobs", "show", str(job["id"]))) for job in jobs]
             workers = {d["worker"] for d in details}
@@ -95,6 +96,6 @@ def test_four_senders_eight_studies_on_redis_and_postgresql(
     assert [job["status"] for job in jobs] == ["done"] * STUDIES
     assert {job["study_uid"] for job in jobs} == expected_studies  # each study analysed once
     assert all(d["attempts"] == 1 and d["study_instances"] == len(source) for d in details)  # nothing lost
-    assert uids == Counter({(uid, kind): 1 for uid in expected_studies for kind in ("SR", "SEG")})  # once
+    assert uids == Counter({(uid, kind): 1 for uid in expected_studies for kind in RESULT_MODALITIES})  # once
     assert all([x["status"] for x in d["deliveries"]] == ["delivered"] for d in details)
     assert len(workers) == 2  # both analysis workers took studies

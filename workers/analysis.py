@@ -129,7 +129,14 @@ def run_analysis(job_id: int, settings: Settings, database: JobDatabase, queue: 
         for name, seconds in analysis.seconds.items():
             run.step(name, seconds)
         algorithm = AlgorithmIdentity.for_weights(pipeline.version, WEIGHTS_DIR)
-        results = encode_results(series.headers, series.frame_numbers, analysis.findings, algorithm)
+        results = encode_results(
+            series.headers,
+            series.frame_numbers,
+            analysis.findings,
+            algorithm,
+            extras=settings.extra_outputs,
+            volume=series.volume,
+        )
         run.step("encode results")
         if _superseded(database, job_id):
             log.info("job %d was superseded while it ran; its results are not kept", job_id)
