@@ -6,9 +6,16 @@ with the measurements and qualitative evaluations; and, when there is a SEG, a v
 (TID 1411) that references the nodule's segment. A study without findings gets a report whose
 qualitative evaluations say that the algorithm ran and found nothing.
 
-Codes: from pydicom's code dictionary (DICOM PS3.16) wherever one fits. The nodule type names
-"solid" and "part-solid" and the Lung-RADS categories have no code there, so they use the local
-coding scheme 99CADNODE, declared in the Coding Scheme Identification Sequence.
+Codes: from pydicom's code dictionary (DICOM PS3.16) wherever one fits: finding SCT 27925004 Nodule,
+finding sites from CID 6171 Zone of Lung with CID 244 laterality, SCT long axis / short axis / volume,
+DCM 112031 Attenuation Coefficient with SCT Mean / Maximum derivation, ground-glass DCM 112120 (CID
+6102/6104), calcified SCT 18115005, units in UCUM (mm, mm3, [hnsf'U]). pydicom 3.0's dictionary has no
+code for a solid or a part-solid nodule, nor for Lung-RADS or its categories, so those, and the concept
+names "Nodule type" and "Lung-RADS v2022 category (CAD suggestion)", use the local coding scheme
+99CADNODE, declared in the Coding Scheme Identification Sequence.
+
+Measurements are rounded to what the mask can support: diameters to 0.1 mm, the volume to 1 mm3,
+attenuation to 1 HU (findings.json keeps two decimals).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ LUNG_ZONES: dict[str, Code] = {  # CID 6171 Zone of Lung
     "lower": codes.SCT.LowerZoneOfLung,
 }
 SIDES: dict[str, Code] = {"right": codes.SCT.Right, "left": codes.SCT.Left}  # CID 244 Laterality
+DIAMETER_DECIMALS = 1  # mm
+VOLUME_DECIMALS = 0  # mm3
+ATTENUATION_DECIMALS = 0  # HU
 
 
 def lung_rads_code(category: str) -> Code:
@@ -206,8 +216,16 @@ def _planar_group(
     # highdicom does not allow SCOORDs inside the measurements of a planar group, so the axes' end points
     # (findings.json has them) are not drawn.
     measurements = [
-        hd.sr.Measurement(name=codes.SCT.LongAxis, value=finding.long_axis_mm, unit=codes.UCUM.Millimeter),
-        hd.sr.Measurement(name=codes.SCT.ShortAxis, value=finding.short_axis_mm, unit=codes.UCUM.Millimeter),
+        hd.sr.Measurement(
+            name=codes.SCT.LongAxis,
+            value=round(finding.long_axis_mm, DIAMETER_DECIMALS),
+            unit=codes.UCUM.Millimeter,
+        ),
+        hd.sr.Measurement(
+            name=codes.SCT.ShortAxis,
+            value=round(finding.short_axis_mm, DIAMETER_DECIMALS),
+            unit=codes.UCUM.Millimeter,
+        ),
         *_volume_measurements(finding),
     ]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -232,12 +250,22 @@ def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
     """Measurements of the whole 3D mask: volume, mean and maximum attenuation."""
     hu = codes.UCUM.HounsfieldUnit
     return [
-        hd.sr.Measurement(name=codes.SCT.Volume, value=finding.volume_mm3, unit=codes.UCUM.CubicMillimeter),
         hd.sr.Measurement(
-            name=codes.DCM.AttenuationCoefficient, value=finding.mean_hu, unit=hu, derivation=codes.SCT.Mean
+            name=codes.SCT.Volume,
+            value=round(finding.volume_mm3, VOLUME_DECIMALS),
+            unit=codes.UCUM.CubicMillimeter,
         ),
         hd.sr.Measurement(
-            name=codes.DCM.AttenuationCoefficient, value=finding.max_hu, unit=hu, derivation=codes.SCT.Maximum
+            name=codes.DCM.AttenuationCoefficient,
+            value=round(finding.mean_hu, ATTENUATION_DECIMALS),
+            unit=hu,
+            derivation=codes.SCT.Mean,
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.AttenuationCoefficient,
+            value=round(finding.max_hu, ATTENUATION_DECIMALS),
+            unit=hu,
+            derivation=codes.SCT.Maximum,
         ),
     ]
 
@@ -245,7 +273,7 @@ def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
 def _volumetric_group(
     number: int, tracking_uid: str, finding: Finding, segmentation: Dataset, algorithm: AlgorithmIdentity
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id(number)),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=segmentation.SOPClassUID,
@@ -260,6 +288,12 @@ def _volumetric_group(
         finding_sites=[_finding_site(finding)],
         measurements=_volume_measurements(finding),
     )
+    # highdicom capitalises this concept's meaning; PS3.16 (and TID 1411) spell it in lower case.
+    for item in group[0].ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        if (name.CodeValue, name.CodingSchemeDesignator) == ("121232", "DCM"):
+            name.CodeMeaning = codes.DCM.SourceSeriesForSegmentation.meaning
+    return group
 
 
 def nodule_outline(finding: Finding) -> npt.NDArray[np.float64]:

@@ -227,11 +227,11 @@ def test_sr_reads_back_the_nodule(encoded: Encoded) -> None:
     (site,) = group.finding_sites
     assert site.value == codes.SCT.LowerZoneOfLung
     assert site.laterality == codes.SCT.Left
-    assert _measurement(group, codes.SCT.LongAxis) == pytest.approx(finding.long_axis_mm)
-    assert _measurement(group, codes.SCT.ShortAxis) == pytest.approx(finding.short_axis_mm)
-    assert _measurement(group, codes.SCT.Volume) == pytest.approx(finding.volume_mm3)
+    assert _measurement(group, codes.SCT.LongAxis) == pytest.approx(finding.long_axis_mm, abs=0.05)
+    assert _measurement(group, codes.SCT.ShortAxis) == pytest.approx(finding.short_axis_mm, abs=0.05)
+    assert _measurement(group, codes.SCT.Volume) == pytest.approx(finding.volume_mm3, abs=0.5)
     mean = _measurement(group, codes.DCM.AttenuationCoefficient, codes.SCT.Mean)
-    assert mean == pytest.approx(finding.mean_hu, abs=1e-3)
+    assert mean == pytest.approx(finding.mean_hu, abs=0.5)
     (nodule_type,) = group.get_qualitative_evaluations(name=NODULE_TYPE)
     assert nodule_type.value == NODULE_TYPES[finding.nodule_type] == NODULE_TYPES["solid"]
     (lung_rads,) = group.get_qualitative_evaluations(name=LUNG_RADS_SUGGESTION)
@@ -288,7 +288,7 @@ def test_volumetric_group_references_the_seg_segment(encoded: Encoded) -> None:
     referenced = volumetric.referenced_segment[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert referenced.ReferencedSegmentNumber == 1
-    assert _measurement(volumetric, codes.SCT.Volume) == pytest.approx(encoded.finding.volume_mm3)
+    assert _measurement(volumetric, codes.SCT.Volume) == pytest.approx(encoded.finding.volume_mm3, abs=0.5)
     segment = seg.SegmentSequence[0]
     assert segment.TrackingUID == planar.tracking_uid
     assert segment.TrackingID == "Nodule 1"
@@ -325,7 +325,7 @@ def test_two_overlapping_nodules_are_two_segments(two_nodules: tuple[Encoded, Fi
     groups = sr.content.get_planar_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
     assert [g.tracking_uid for g in groups] == [s.TrackingUID for s in seg.SegmentSequence]
-    assert _measurement(groups[1], codes.SCT.Volume) == pytest.approx(second.volume_mm3)
+    assert _measurement(groups[1], codes.SCT.Volume) == pytest.approx(second.volume_mm3, abs=0.5)
 
 
 def _rebuilt_segments(seg: hd.seg.Segmentation, series: CtSeries) -> list[npt.NDArray[np.bool_]]:
