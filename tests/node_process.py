@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +155,9 @@ class SplitNode:
             "OMP_NUM_THREADS": "1",
         }
         self.analysis_workers = analysis_workers
+        self.admin_token = "test-token-" + os.urandom(8).hex()
+        self.environment["CAD_NODE_ADMIN_TOKEN"] = self.admin_token
+        self.dashboard_port = free_port()
         self.port = free_port()
         self.ae_title = NODE_AET
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -194,15 +199,35 @@ class SplitNode:
         for number in range(self.analysis_workers):
             self._start(f"analysis-{number}", "worker", "--queue", "analysis", "--concurrency", "1")
         self._start("export", "worker", "--queue", "export")
-        wait_until(self._ready, 90, interval=0.3, what="listener and workers")
+        self._start("dashboard", "dashboard", "--port", str(self.dashboard_port))
+        wait_until(self._ready, 90, interval=0.3, what="listener, workers and dashboard")
         return self
 
     def _ready(self) -> bool:
         self.check_alive()
         logs = {name: (self.root / f"{name}.log").read_text(errors="replace") for name, _ in self._processes}
-        return "listening as" in logs["listener"] and all(
-            " ready." in text for name, text in logs.items() if name != "listener"
+        workers = [text for name, text in logs.items() if name not in ("listener", "dashboard")]
+        return (
+            "listening as" in logs["listener"]
+            and all(" ready." in text for text in workers)
+            and self._serving()
         )
+
+    def _serving(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard_port}/healthz", timeout=2):
+                return True
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def dashboard_page(self, path: str) -> str:
+        """A dashboard page, fetched as an admin tool does: with the token as a bearer token."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.dashboard_port}{path}",
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(response.read().decode())
 
     def check_alive(self) -> None:
         for name, process in self._processes:

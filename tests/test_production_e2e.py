@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def test_four_senders_eight_studies_on_redis_and_postgresql(
             received = pacs.wait_for(len(RESULT_MODALITIES) * STUDIES, timeout=TIMEOUT_S)
             jobs = node.jobs()
             details = [json.loads(node.cli("jobs", "show", str(job["id"]))) for job in jobs]
+            listed = dashboard_rows(node.dashboard_page("/"))
             workers = {d["worker"] for d in details}
         uids = Counter((str(d.StudyInstanceUID), str(d.Modality)) for d in map(pydicom.dcmread, received))
 
@@ -99,3 +101,10 @@ def test_four_senders_eight_studies_on_redis_and_postgresql(
     assert uids == Counter({(uid, kind): 1 for uid in expected_studies for kind in RESULT_MODALITIES})  # once
     assert all([x["status"] for x in d["deliveries"]] == ["delivered"] for d in details)
     assert len(workers) == 2  # both analysis workers took studies
+    assert listed == [(job["id"], job["status"]) for job in jobs]  # the dashboard and jobs list agree
+
+
+def dashboard_rows(page: str) -> list[tuple[int, str]]:
+    """(job, state) of each row of the dashboard's job list."""
+    rows = re.findall(r'<a href="/jobs/(\d+)">\d+</a>.*?<span class="state (\w+)">', page, flags=re.DOTALL)
+    return [(int(job), state) for job, state in rows]
