@@ -24,3 +24,5 @@ test: $(SETUP)
 bench: $(SETUP)
 	$(VENV)/bin/python benchmarks/bench_synth.py
 	$(VENV)/bin/python benchmarks/bench_pipeline.py
+	$(VENV)/bin/python benchmarks/bench_node.py
+	$(VENV)/bin/python benchmarks/bench_results.py
