@@ -2,8 +2,10 @@
 
 Per nodule, a planar group (TID 1410) whose image region is the closed outline of the nodule on its
 largest axial slice, a 2D SCOORD POLYLINE on that source image (what viewers such as OHIF display),
-with the measurements and qualitative evaluations; and, when there is a SEG, a volumetric group
-(TID 1411) that references the nodule's segment. A study without findings gets a report whose
+with the measurements and qualitative evaluations. The SEG's segment of the same nodule carries the same
+tracking identifier and UID, which is how a reader joins the two; the SEG is listed in the SR's evidence.
+(A volumetric TID 1411 group per segment would say it again, and PixelMed's validator misreads a report
+holding one planar and one volumetric group.) A study without findings gets a report whose
 qualitative evaluations say that the algorithm ran and found nothing.
 
 Codes: from pydicom's code dictionary (DICOM PS3.16) wherever one fits: finding SCT 27925004 Nodule,
@@ -88,15 +90,17 @@ def build_report(
     if len(tracking_uids) != len(findings):
         raise ValueError(f"{len(findings)} findings but {len(tracking_uids)} tracking UIDs")
     if findings:
-        groups: list[
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-            | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        ] = []
-        for number, (finding, uid) in enumerate(zip(findings, tracking_uids, strict=True), start=1):
-            k = finding.axial_slice_index
-            groups.append(_planar_group(number, uid, finding, source_headers[k], frame_numbers[k], algorithm))
-            if segmentation is not None:
-                groups.append(_volumetric_group(number, uid, finding, segmentation, algorithm))
+        groups = [
+            _planar_group(
+                number,
+                uid,
+                finding,
+                source_headers[finding.axial_slice_index],
+                frame_numbers[finding.axial_slice_index],
+                algorithm,
+            )
+            for number, (finding, uid) in enumerate(zip(findings, tracking_uids, strict=True), start=1)
+        ]
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(algorithm),
             procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
@@ -268,32 +272,6 @@ def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
             derivation=codes.SCT.Maximum,
         ),
     ]
-
-
-def _volumetric_group(
-    number: int, tracking_uid: str, finding: Finding, segmentation: Dataset, algorithm: AlgorithmIdentity
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id(number)),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=segmentation.SOPClassUID,
-            sop_instance_uid=segmentation.SOPInstanceUID,
-            segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(
-                segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID
-            ),
-        ),
-        finding_type=codes.SCT.Nodule,
-        algorithm_id=algorithm.sr_identification(),
-        finding_sites=[_finding_site(finding)],
-        measurements=_volume_measurements(finding),
-    )
-    # highdicom capitalises this concept's meaning; PS3.16 (and TID 1411) spell it in lower case.
-    for item in group[0].ContentSequence:
-        name = item.ConceptNameCodeSequence[0]
-        if (name.CodeValue, name.CodingSchemeDesignator) == ("121232", "DCM"):
-            name.CodeMeaning = codes.DCM.SourceSeriesForSegmentation.meaning
-    return group
 
 
 def nodule_outline(finding: Finding) -> npt.NDArray[np.float64]:

@@ -278,20 +278,22 @@ def _rasterise(outline: npt.NDArray[np.float64], shape: tuple[int, int]) -> npt.
     return Polygon(outline).contains_points(centres).reshape(shape)
 
 
-def test_volumetric_group_references_the_seg_segment(encoded: Encoded) -> None:
+def test_sr_and_seg_name_each_nodule_with_the_same_tracking_identifier(encoded: Encoded) -> None:
     sr = hd.sr.srread(encoded.sr_path)
     seg = encoded.results.seg
     assert seg is not None
     (planar,) = sr.content.get_planar_roi_measurement_groups()
-    (volumetric,) = sr.content.get_volumetric_roi_measurement_groups()
-    assert volumetric.tracking_uid == planar.tracking_uid
-    referenced = volumetric.referenced_segment[0].ReferencedSOPSequence[0]
-    assert referenced.ReferencedSOPInstanceUID == seg.SOPInstanceUID
-    assert referenced.ReferencedSegmentNumber == 1
-    assert _measurement(volumetric, codes.SCT.Volume) == pytest.approx(encoded.finding.volume_mm3, abs=0.5)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
     segment = seg.SegmentSequence[0]
     assert segment.TrackingUID == planar.tracking_uid
-    assert segment.TrackingID == "Nodule 1"
+    assert segment.TrackingID == "Nodule 1" == str(planar.tracking_identifier)
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in evidence
 
 
 # --- the SEG round trip ----------------------------------------------------------------------------
