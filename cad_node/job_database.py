@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.pool import NullPool
 
 UID = String(64)
 
@@ -211,9 +212,24 @@ class DeliveryAttempt(Base):
     delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")
 
 
-def make_engine(url: str) -> Engine:
+class WorkerBeat(Base):
+    """A worker process's last sign of life; the dashboard's and the metrics' "workers alive"."""
+
+    __tablename__ = "worker_beats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # <queue>@<host>-<pid>
+    queue: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    beat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """`pooled=False`: a connection per use, nothing held open (for a process that forks)."""
+    pool = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -224,13 +240,13 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 class JobDatabase:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pooled: bool = True) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pooled=pooled)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -56,7 +56,7 @@ class NodeCollector(Collector):
         alive = GaugeMetricFamily(
             "cad_node_workers_alive", "Worker processes that beat recently, per queue.", labels=["queue"]
         )
-        beats = read_beats(self.settings.data_dir)
+        beats = read_beats(self.database)
         for queue in QUEUES:
             alive.add_metric([queue], sum(b.alive and b.queue == queue for b in beats))
         yield alive

@@ -1,27 +1,29 @@
-"""Which workers are alive: each worker process touches a file of its own under `data_dir/workers`.
+"""Which workers are alive: each worker process writes its row of the `worker_beats` table every
+`BEAT_EVERY_S`, wherever it runs, since all share the job database.
 
-The file is named `<queue>@<host>-<pid>`; its modification time is the last beat. The dashboard and the
-metrics read the folder; a file not touched for `STALE_AFTER_S` belongs to a worker that stopped.
-Celery's remote control cannot say this on the filesystem broker (it has no fanout).
+A row not written for `STALE_AFTER_S` belongs to a worker that stopped. Celery's remote control cannot
+say this on the filesystem broker (it has no fanout).
 """
 
 from __future__ import annotations
 
-import contextlib
+import datetime as dt
+import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from cad_node.job_database import JobDatabase, utcnow
+from cad_node.job_database import WorkerBeat as BeatRow
+
+log = logging.getLogger(__name__)
 
 BEAT_EVERY_S = 10.0
 STALE_AFTER_S = 3 * BEAT_EVERY_S
-FORGET_AFTER_S = 24 * 3600.0  # files of workers stopped this long ago are no longer listed
-
-
-def heartbeat_dir(data_dir: Path) -> Path:
-    return data_dir / "workers"
+FORGET_AFTER_S = 24 * 3600.0  # workers stopped this long ago are no longer listed
 
 
 @dataclass(frozen=True)
@@ -41,44 +43,59 @@ class WorkerBeat:
 
 
 class Heartbeat:
-    """Touches this process's file every `BEAT_EVERY_S` in a daemon thread; removes it on `stop`."""
+    """Writes this process's row every `BEAT_EVERY_S` in a daemon thread; removes it on `stop`. It opens
+    a connection per beat (a worker forks its pool processes; no connection may be shared with them)."""
 
-    def __init__(self, data_dir: Path, queue: str) -> None:
-        self.path = heartbeat_dir(data_dir) / f"{queue}@{socket.gethostname()}-{os.getpid()}"
+    def __init__(self, database_url: str, queue: str) -> None:
+        self.database = JobDatabase(database_url, pooled=False)
+        self.beat = WorkerBeat(queue, socket.gethostname(), os.getpid(), 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
 
+    @property
+    def name(self) -> str:
+        return self.beat.name
+
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        with self.database.session() as session:
+            session.merge(
+                BeatRow(name=self.name, queue=self.beat.queue, host=self.beat.host, pid=self.beat.pid)
+            )
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.path.unlink(missing_ok=True)
+        with self.database.session() as session:
+            session.execute(delete(BeatRow).where(BeatRow.name == self.name))
+        self.database.close()
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_EVERY_S):
-            # On a full or vanished disk the next beat tries again; meanwhile the worker shows as stale.
-            with contextlib.suppress(OSError):
-                self.path.touch()
+            try:
+                with self.database.session() as session:
+                    row = session.get(BeatRow, self.name)
+                    if row is None:
+                        session.add(
+                            BeatRow(
+                                name=self.name, queue=self.beat.queue, host=self.beat.host, pid=self.beat.pid
+                            )
+                        )
+                    else:
+                        row.beat_at = utcnow()
+            except Exception as error:  # the database is away: the worker shows as stale meanwhile
+                log.warning("heartbeat not written (%s); trying again", error)
 
 
-def read_beats(data_dir: Path, now: float | None = None) -> list[WorkerBeat]:
+def read_beats(database: JobDatabase, now: dt.datetime | None = None) -> list[WorkerBeat]:
     """The workers that beat within the last day, alive ones first."""
-    now = time.time() if now is None else now
-    beats = []
-    folder = heartbeat_dir(data_dir)
-    for path in folder.iterdir() if folder.is_dir() else ():
-        queue, _, rest = path.name.partition("@")
-        host, _, pid = rest.rpartition("-")
-        if not queue or not host or not pid.isdigit():
-            continue
-        try:
-            age = max(0.0, now - path.stat().st_mtime)
-        except FileNotFoundError:
-            continue
-        if age <= FORGET_AFTER_S:
-            beats.append(WorkerBeat(queue, host, int(pid), age))
+    now = now or utcnow()
+    with database.session() as session:
+        rows = session.scalars(
+            select(BeatRow).where(BeatRow.beat_at >= now - dt.timedelta(seconds=FORGET_AFTER_S))
+        ).all()
+        beats = [
+            WorkerBeat(row.queue, row.host, row.pid, max(0.0, (now - row.beat_at).total_seconds()))
+            for row in rows
+        ]
     return sorted(beats, key=lambda b: (not b.alive, b.queue, b.host, b.pid))

@@ -8,7 +8,6 @@ import html
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cad_node.dashboard import create_app
-from cad_node.job_database import Delivery, DeliveryStatus, Job, JobStatus
+from cad_node.job_database import Delivery, DeliveryStatus, Job, JobStatus, utcnow
+from cad_node.job_database import WorkerBeat as WorkerBeatRow
 from cad_node.job_queue import ANALYSE_TASK, EXPORT_TASK, JobQueue, make_celery
 from cad_node.node_health import queue_lengths
 from cad_node.settings import Settings
@@ -223,13 +223,13 @@ def test_retry_button_queues_a_failed_job_as_the_command_does(client: TestClient
 
 def test_health_page(client: TestClient, node: Node) -> None:
     JobQueue(make_celery(node.settings)).analyse(node.queued)
-    beat = Heartbeat(node.settings.data_dir, "analysis")
+    beat = Heartbeat(node.settings.effective_database_url, "analysis")
     beat.start()
     try:
         page = client.get("/health", headers=BEARER).text
     finally:
         beat.stop()
-    assert "reachable" in page and "Workers: 1 alive" in page and beat.path.name in page
+    assert "reachable" in page and "Workers: 1 alive" in page and beat.name in page
     assert "1 job queued" in page and "free</span> of" in page
     assert f"{day(1)} 10:00:00 UTC" in page and f'href="/jobs/{node.done}"' in page  # the last delivery
     assert TOKEN not in page
@@ -240,12 +240,12 @@ def test_metrics(client: TestClient, node: Node) -> None:
     queue.analyse(node.queued)
     queue.export(node.undelivered, PACS)
     queue.export(node.undelivered, PACS)
-    workers = node.settings.data_dir / "workers"
-    workers.mkdir()
-    (workers / "export@node1-10").touch()
-    stale = workers / "export@node1-11"
-    stale.touch()
-    os.utime(stale, (time.time() - 2 * STALE_AFTER_S,) * 2)
+    with node.database.session() as session:  # one export worker beating, one that stopped
+        session.add(WorkerBeatRow(name="export@node1-10", queue="export", host="node1", pid=10))
+        stale = utcnow() - dt.timedelta(seconds=2 * STALE_AFTER_S)
+        session.add(
+            WorkerBeatRow(name="export@node1-11", queue="export", host="node1", pid=11, beat_at=stale)
+        )
 
     response = client.get("/metrics", headers=BEARER)
     assert response.headers["content-type"].startswith("text/plain; version=")
@@ -287,14 +287,15 @@ def test_metrics(client: TestClient, node: Node) -> None:
     assert last == at(1, 10).replace(tzinfo=dt.UTC).timestamp()
 
 
-def test_worker_heartbeat_file(tmp_path: Path) -> None:
-    beat = Heartbeat(tmp_path, "analysis")
+def test_worker_heartbeat_row(node: Node) -> None:
+    beat = Heartbeat(node.settings.effective_database_url, "analysis")
     beat.start()
-    (beats,) = read_beats(tmp_path)
+    (beats,) = read_beats(node.database)
     assert (beats.queue, beats.pid, beats.alive) == ("analysis", os.getpid(), True)
-    assert read_beats(tmp_path, now=time.time() + 2 * STALE_AFTER_S)[0].alive is False
+    later = utcnow() + dt.timedelta(seconds=2 * STALE_AFTER_S)
+    assert read_beats(node.database, now=later)[0].alive is False
     beat.stop()
-    assert read_beats(tmp_path) == []
+    assert read_beats(node.database) == []
 
 
 def test_queue_lengths_on_redis(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ WIDTH = 1400
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     made = make_node(tmp_path / "node", destinations=["PACS@10.0.0.5:104"])
-    beats = [Heartbeat(made.settings.data_dir, queue) for queue in ("analysis", "export")]
+    beats = [Heartbeat(made.settings.effective_database_url, queue) for queue in ("analysis", "export")]
     for beat in beats:
         beat.start()
     yield made

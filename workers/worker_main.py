@@ -14,7 +14,7 @@ def run_worker(queue: str, concurrency: int) -> None:
     # Exports wait on the network, not the CPU: threads. Analyses get processes of their own, so a
     # crash or a leak in one does not take the worker with it.
     pool = "threads" if queue == EXPORT_QUEUE else "prefork"
-    heartbeat = Heartbeat(settings.data_dir, queue)  # how the dashboard knows this worker is alive
+    heartbeat = Heartbeat(settings.effective_database_url, queue)  # how the dashboard knows it lives
     heartbeat.start()
     try:
         app.worker_main(

@@ -374,7 +374,7 @@ def health_page(settings: Settings, database: JobDatabase) -> HealthPage:
         jobs_waiting=jobs_waiting,
         deliveries_waiting=deliveries_waiting,
         running=running,
-        workers=read_beats(settings.data_dir),
+        workers=read_beats(database) if ok else [],
         disk=instance_store_disk(settings),
         last_delivery=last_delivery(database) if ok else None,
         now=utcnow(),
