@@ -26,4 +26,10 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# OHIF for the local Orthanc (orthanc/viewer), into var/viewer; needs npm and the npm registry.
+if command -v npm >/dev/null; then
+  orthanc/viewer/install.sh >/dev/null || echo "warning: orthanc/viewer/install.sh failed (OHIF not fetched)" >&2
+else
+  echo "warning: npm not found: the OHIF viewer (orthanc/viewer) is not installed" >&2
+fi
 echo "ready: .venv/bin/cad-node"
