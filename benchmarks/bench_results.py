@@ -24,11 +24,9 @@ from cad_node import result_encoding
 from cad_node.algorithm import AlgorithmIdentity, uid_from_digest
 from cad_node.result_seg import build_segmentation
 from cad_node.result_sr import build_report
-from models.characterisation import characterise
-from models.findings import Finding
+from models.findings import Finding, measure_finding
 from models.ground_truth import read_ground_truth, read_labels
-from models.lung_rads import lung_rads_category
-from models.measurements import BoxMask, axial_diameters, volume_mm3
+from models.measurements import BoxMask
 from models.series_loading import CtSeries, load_series
 from models.synthetic.case_writing import synthesize
 from models.volume import Volume
@@ -44,33 +42,9 @@ ALGORITHM = AlgorithmIdentity(
 
 
 def finding_from_truth(volume: Volume, mask: BoxMask, truth: dict[str, Any]) -> Finding:
-    axes = axial_diameters(mask, volume.spacing)
-    hu = volume.hu[mask.slices()][mask.array]
-    character = characterise(mask, volume, axes.mean_diameter_mm)
-
-    def mm(kji: Any) -> tuple[float, float, float]:
-        x, y, z = volume.index_to_patient(kji)
-        return float(x), float(y), float(z)
-
     lobe = str(truth.get("lobe") or "")
-    return Finding(
-        centre_mm=mm(mask.centroid_kji()),
-        probability=1.0,
-        long_axis_mm=axes.long_axis_mm,
-        short_axis_mm=axes.short_axis_mm,
-        volume_mm3=volume_mm3(mask, volume.spacing),
-        mean_hu=float(hu.mean()),
-        max_hu=float(hu.max()),
-        nodule_type=character.nodule_type,
-        solid_part_mm=character.solid_part_mm,
-        side=str(truth["side"]),
-        zone=next((zone for zone in ("upper", "middle", "lower") if zone in lobe), ""),
-        lung_rads=lung_rads_category(character.nodule_type, axes.mean_diameter_mm, character.solid_part_mm),
-        axial_slice_index=axes.slice_index,
-        long_axis_ends_mm=(mm(axes.long_axis_ends[0]), mm(axes.long_axis_ends[1])),
-        short_axis_ends_mm=(mm(axes.short_axis_ends[0]), mm(axes.short_axis_ends[1])),
-        mask=mask,
-    )
+    zone = next((zone for zone in ("upper", "middle", "lower") if zone in lobe), "")
+    return measure_finding(volume, mask, 1.0, str(truth["side"]), zone)
 
 
 def case_findings(case_dir: Path, series: CtSeries) -> list[Finding]:

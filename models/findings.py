@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.measurements import BoxMask
+from models.characterisation import characterise
+from models.lung_rads import lung_rads_category
+from models.measurements import BoxMask, axial_diameters, volume_mm3
+from models.volume import Volume
 
 Point = tuple[float, float, float]
 
@@ -56,3 +59,34 @@ class Finding:
             "short_axis_ends_mm": [[round(v, 2) for v in p] for p in self.short_axis_ends_mm],
             "mask_voxels": self.mask.voxel_count,
         }
+
+
+def measure_finding(volume: Volume, mask: BoxMask, probability: float, side: str, zone: str) -> Finding:
+    """A nodule's finding from its mask on the series' grid: axes on the axial slice of largest area,
+    volume, attenuation, type and the Lung-RADS suggestion, as radiologists measure them."""
+    axial = axial_diameters(mask, volume.spacing)
+    hu = volume.hu[mask.slices()][mask.array]
+    character = characterise(mask, volume, axial.mean_diameter_mm)
+
+    def mm(kji: Any) -> Point:
+        xyz = volume.index_to_patient(kji)
+        return float(xyz[0]), float(xyz[1]), float(xyz[2])
+
+    return Finding(
+        centre_mm=mm(mask.centroid_kji()),
+        probability=float(probability),
+        long_axis_mm=axial.long_axis_mm,
+        short_axis_mm=axial.short_axis_mm,
+        volume_mm3=volume_mm3(mask, volume.spacing),
+        mean_hu=float(hu.mean()),
+        max_hu=float(hu.max()),
+        nodule_type=character.nodule_type,
+        solid_part_mm=character.solid_part_mm,
+        side=side,
+        zone=zone,
+        lung_rads=lung_rads_category(character.nodule_type, axial.mean_diameter_mm, character.solid_part_mm),
+        axial_slice_index=axial.slice_index,
+        long_axis_ends_mm=(mm(axial.long_axis_ends[0]), mm(axial.long_axis_ends[1])),
+        short_axis_ends_mm=(mm(axial.short_axis_ends[0]), mm(axial.short_axis_ends[1])),
+        mask=mask,
+    )

@@ -11,18 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from models.characterisation import characterise, location
-from models.findings import Finding
-from models.lung_rads import lung_rads_category
+from models.characterisation import location
+from models.findings import Finding, measure_finding
 from models.lungs import segment_lungs
-from models.measurements import BoxMask, axial_diameters, volume_mm3
+from models.measurements import BoxMask
 from models.networks import (
     CandidateDetector,
     FalsePositiveClassifier,
@@ -207,33 +205,8 @@ def _series_box(
 def describe(
     volume: Volume, mask: BoxMask, probability: float, lungs: npt.NDArray[np.uint8], work: Volume
 ) -> Finding:
-    axial = axial_diameters(mask, volume.spacing)
-    hu = volume.hu[mask.slices()][mask.array]
-    character = characterise(mask, volume, axial.mean_diameter_mm)
     side, zone = location(volume.index_to_patient(mask.centroid_kji()), lungs, work)
-
-    def mm(kji: Any) -> tuple[float, float, float]:
-        xyz = volume.index_to_patient(kji)
-        return float(xyz[0]), float(xyz[1]), float(xyz[2])
-
-    return Finding(
-        centre_mm=mm(mask.centroid_kji()),
-        probability=float(probability),
-        long_axis_mm=axial.long_axis_mm,
-        short_axis_mm=axial.short_axis_mm,
-        volume_mm3=volume_mm3(mask, volume.spacing),
-        mean_hu=float(hu.mean()),
-        max_hu=float(hu.max()),
-        nodule_type=character.nodule_type,
-        solid_part_mm=character.solid_part_mm,
-        side=side,
-        zone=zone,
-        lung_rads=lung_rads_category(character.nodule_type, axial.mean_diameter_mm, character.solid_part_mm),
-        axial_slice_index=axial.slice_index,
-        long_axis_ends_mm=(mm(axial.long_axis_ends[0]), mm(axial.long_axis_ends[1])),
-        short_axis_ends_mm=(mm(axial.short_axis_ends[0]), mm(axial.short_axis_ends[1])),
-        mask=mask,
-    )
+    return measure_finding(volume, mask, probability, side, zone)
 
 
 def _without_duplicates(findings: list[Finding]) -> list[Finding]:

@@ -21,11 +21,9 @@ from pydicom.uid import UID, generate_uid
 from cad_node.algorithm import AlgorithmIdentity, uid_from_digest, weights_digest
 from cad_node.result_encoding import EncodedResults, encode_results, write_results
 from cad_node.result_sr import LUNG_RADS_SUGGESTION, NODULE_TYPE, NODULE_TYPES
-from models.characterisation import characterise
-from models.findings import Finding
+from models.findings import Finding, measure_finding
 from models.lidc import read_lidc_case
-from models.lung_rads import lung_rads_category
-from models.measurements import BoxMask, axial_diameters, volume_mm3
+from models.measurements import BoxMask
 from models.series_loading import CtSeries, load_series
 from models.volume import Volume
 
@@ -40,34 +38,9 @@ MULTI_FRAME_SLICES = slice(80, 100)  # LIDC-IDRI-0001's nodule lies on slices 86
 
 
 def make_finding(volume: Volume, mask: BoxMask) -> Finding:
-    """A finding measured from a mask as the pipeline's ``describe`` does, without the networks."""
-    axes = axial_diameters(mask, volume.spacing)
-    hu = volume.hu[mask.slices()][mask.array]
-    character = characterise(mask, volume, axes.mean_diameter_mm)
-
-    def mm(kji: object) -> tuple[float, float, float]:
-        x, y, z = volume.index_to_patient(kji)
-        return float(x), float(y), float(z)
-
-    centre = mm(mask.centroid_kji())
-    return Finding(
-        centre_mm=centre,
-        probability=0.95,
-        long_axis_mm=axes.long_axis_mm,
-        short_axis_mm=axes.short_axis_mm,
-        volume_mm3=volume_mm3(mask, volume.spacing),
-        mean_hu=float(hu.mean()),
-        max_hu=float(hu.max()),
-        nodule_type=character.nodule_type,
-        solid_part_mm=character.solid_part_mm,
-        side="left" if centre[0] > 0 else "right",  # LPS: +x is the patient's left
-        zone="lower",
-        lung_rads=lung_rads_category(character.nodule_type, axes.mean_diameter_mm, character.solid_part_mm),
-        axial_slice_index=axes.slice_index,
-        long_axis_ends_mm=(mm(axes.long_axis_ends[0]), mm(axes.long_axis_ends[1])),
-        short_axis_ends_mm=(mm(axes.short_axis_ends[0]), mm(axes.short_axis_ends[1])),
-        mask=mask,
-    )
+    """A finding measured from a mask as the pipeline does, without the networks."""
+    centre_x = volume.index_to_patient(mask.centroid_kji())[0]
+    return measure_finding(volume, mask, 0.95, "left" if centre_x > 0 else "right", "lower")  # LPS: +x left
 
 
 @dataclasses.dataclass(frozen=True)
