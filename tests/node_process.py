@@ -20,6 +20,21 @@ from tests.peers import _log_tail, _stop, free_port, wait_until
 NODE_AET = "CADNODE"
 
 
+def run_cli(arguments: Sequence[str], environment: dict[str, str] | None = None) -> str:
+    """`cad-node ARGUMENTS`: its output; RuntimeError with what it said when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cad_node", *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cad-node {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
 class RunningNode:
     """`cad-node up` on a free port with its own data folder; `jobs()` reads `cad-node jobs list --json`."""
 
@@ -89,16 +104,7 @@ class RunningNode:
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *arguments: str) -> str:
-        done = subprocess.run(
-            self.command(*arguments, "--data-dir", str(self.data_dir)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"cad-node {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
+        return run_cli([*arguments, "--data-dir", str(self.data_dir)])
 
     def jobs(self) -> list[dict[str, Any]]:
         return list(json.loads(self.cli("jobs", "list", "--json")))
@@ -238,17 +244,7 @@ class SplitNode:
         return _log_tail(self.root / f"{name}.log")
 
     def cli(self, *arguments: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "cad_node", *arguments],
-            env={**self.environment, "CAD_NODE_DATA_DIR": str(self.data_dir)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"cad-node {' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
+        return run_cli(arguments, {**self.environment, "CAD_NODE_DATA_DIR": str(self.data_dir)})
 
     def jobs(self) -> list[dict[str, Any]]:
         return list(json.loads(self.cli("jobs", "list", "--json", "--limit", "1000")))
