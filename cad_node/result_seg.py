@@ -24,6 +24,19 @@ SEG_SERIES_NUMBER = 9702
 SEG_CONTENT_LABEL = "CAD_NODULES"
 
 
+# Distinct, saturated colours that stand out on grey CT, one per nodule in turn.
+SEGMENT_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
+
+
 def tracking_id(number: int) -> str:
     """The name a nodule goes by in both result objects: "Nodule N", N from 1."""
     return f"Nodule {number}"
@@ -145,4 +158,6 @@ def _segment_description(
         tracking_uid=tracking_uid,
         tracking_id=tracking_id(number),
         anatomic_regions=[codes.SCT.Lung],
+        # Viewers colour a segment without a recommended colour as they like, and some say so in a pop-up.
+        display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]),
     )

@@ -359,8 +359,20 @@ def _drawn_sr_annotations(driver: Any) -> dict[str, dict[str, Any]]:
 
 
 def _viewport_png(driver: Any) -> npt.NDArray[np.uint8]:
+    """The viewport as drawn, without pop-up notifications, which come and go over it on their own."""
+    driver.execute_script(HIDE_NOTIFICATIONS)
     element = driver.find_element(_by("CSS_SELECTOR"), "[data-cy='viewport-pane'] canvas")
     return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB"))
+
+
+HIDE_NOTIFICATIONS = """
+if (!document.getElementById('hide-notifications')) {
+  const style = document.createElement('style');
+  style.id = 'hide-notifications';
+  style.textContent = '[data-sonner-toaster] { display: none !important; }';
+  document.head.appendChild(style);
+}
+"""
 
 
 def _save_shot(study: StudyInViewer, name: str) -> Path:
