@@ -40,7 +40,7 @@ from models.preprocessing import normalise
 from models.training import TrainConfig, TrainResult, train
 from models.training_data import Shard
 
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cad_node.cli import main
 from models.pipeline import WEIGHTS_DIR, Pipeline
+from models.training_runs import MODEL_VERSION
 
 CONSENSUS_0001 = np.array([56.4, 86.3, -116.0])
 
@@ -22,7 +23,7 @@ def test_weights_are_small_and_load_from_the_package() -> None:
     assert [f.stem for f in files] == ["classifier", "detector", "segmenter"]
     assert sum(f.stat().st_size for f in files) < 50 * 2**20
     pipeline = Pipeline.load(device="cpu")
-    assert pipeline.version == "0.1.0"
+    assert pipeline.version == MODEL_VERSION
 
 
 def test_analyze_finds_the_lidc_0001_nodule(lidc_series_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -31,7 +32,7 @@ def test_analyze_finds_the_lidc_0001_nodule(lidc_series_dir: Callable[[str], Pat
     )
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "findings.json").read_text())
-    assert document["model_version"] == "0.1.0"
+    assert document["model_version"] == MODEL_VERSION
     distances = [np.linalg.norm(np.subtract(f["centre_mm"], CONSENSUS_0001)) for f in document["findings"]]
     assert min(distances) < 10.0
     nodule = document["findings"][int(np.argmin(distances))]
