@@ -431,8 +431,11 @@ def _seg_frames(seg: Dataset, segment: int) -> dict[float, npt.NDArray[np.bool_]
     frames: dict[float, npt.NDArray[np.bool_]] = {}
     normal = _normal(seg)
     pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns)).astype(bool)
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # With one segment, the segment identification is shared by all frames.
+        identification = item if "SegmentIdentificationSequence" in item else shared
+        number = int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         if number == segment:
             position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
             frames[round(float(position @ normal), 2)] = pixels[index]
