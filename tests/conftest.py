@@ -7,7 +7,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -136,3 +136,39 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def start_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``start_node(**settings)``: a running Listener on 127.0.0.1 and a free port, its data in tmp_path,
+    with no disk limits, accepting the test module's ``SENDER`` AE title."""
+    from cad_node.job_database import JobDatabase
+    from cad_node.listener import Listener
+    from cad_node.schema_migration import upgrade
+    from cad_node.settings import Settings
+    from tests.peers import free_port
+
+    listeners: list[Listener] = []
+
+    def start(**overrides: Any) -> Listener:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / f"node{len(listeners)}",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allowed_callers": [request.module.SENDER],
+            "min_free_disk_mb": 0,
+            "disk_floor_mb": 0,
+            **overrides,
+        }
+        settings = Settings(**values)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.effective_database_url)
+        listener = Listener(settings, JobDatabase(settings.effective_database_url))
+        listener.start()
+        listeners.append(listener)
+        return listener
+
+    yield start
+    for listener in listeners:
+        listener.stop()
+        listener.database.close()

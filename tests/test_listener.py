@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -21,11 +20,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from sqlalchemy import select
 
-from cad_node.job_database import Instance, JobDatabase, Study
+from cad_node.job_database import Instance, Study
 from cad_node.listener import OUT_OF_RESOURCES, SUCCESS, Listener
-from cad_node.schema_migration import upgrade
-from cad_node.settings import Settings
-from tests.peers import free_port
 
 SENDER = "PUSHER"
 SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
@@ -37,34 +33,6 @@ NodeFactory = Callable[..., Listener]
 def lidc_slices(lidc_series_dir: Callable[[str], Path]) -> list[Path]:
     """LIDC-IDRI-0001's CT slices (133, file names not in slice order)."""
     return sorted(lidc_series_dir("LIDC-IDRI-0001").glob("*.dcm"))
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
-    """``start_node(**settings)``: a running Listener on 127.0.0.1 and a free port, its data in tmp_path."""
-    listeners: list[Listener] = []
-
-    def start(**overrides: Any) -> Listener:
-        values: dict[str, Any] = {
-            "data_dir": tmp_path / f"node{len(listeners)}",
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "allowed_callers": [SENDER],
-            "min_free_disk_mb": 0,
-            **overrides,
-        }
-        settings = Settings(**values)
-        settings.data_dir.mkdir(parents=True)
-        upgrade(settings.effective_database_url)
-        listener = Listener(settings, JobDatabase(settings.effective_database_url))
-        listener.start()
-        listeners.append(listener)
-        return listener
-
-    yield start
-    for listener in listeners:
-        listener.stop()
-        listener.database.close()
 
 
 @contextmanager

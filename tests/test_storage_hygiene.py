@@ -85,36 +85,6 @@ def write_ct(folder: Path, count: int, study_uid: str | None = None, side: int =
 # ---------------------------------------------------------------------------------------- the watermark
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
-    """``start_node(**settings)``: a running Listener on a free port over a data folder in tmp_path."""
-    listeners: list[Listener] = []
-
-    def start(**overrides: Any) -> Listener:
-        settings = Settings(
-            **{
-                "data_dir": tmp_path / f"node{len(listeners)}",
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "allowed_callers": [SENDER],
-                "min_free_disk_mb": 0,
-                "disk_floor_mb": 0,
-                **overrides,
-            }
-        )
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.effective_database_url)
-        listener = Listener(settings, JobDatabase(settings.effective_database_url))
-        listener.start()
-        listeners.append(listener)
-        return listener
-
-    yield start
-    for listener in listeners:
-        listener.stop()
-        listener.database.close()
-
-
 def push(node: Listener, files: list[Path]) -> list[int]:
     """C-STORE the files to the node as the node's own SCU does; each file's status (0 for success)."""
     report = send_files(files, Peer(node.settings.ae_title, "127.0.0.1", node.settings.port), SENDER)
