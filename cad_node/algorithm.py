@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
@@ -47,6 +48,21 @@ class AlgorithmIdentity:
     def software_versions(self) -> list[str]:
         """Software Versions (0018,1020): the package, then the model."""
         return [f"{PACKAGE} {self.software_version}", f"model {self.version}"]
+
+    def new_object(self, series_number: int, series_description: str) -> dict[str, Any]:
+        """The keyword arguments of highdicom's constructors that every result object shares: a new
+        series and instance in the source study, made by this algorithm."""
+        return {
+            "series_instance_uid": hd.UID(),
+            "series_number": series_number,
+            "series_description": series_description,
+            "sop_instance_uid": hd.UID(),
+            "instance_number": 1,
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.name,
+            "software_versions": self.software_versions,
+            "device_serial_number": self.device_uid,
+        }
 
     def sr_identification(self) -> hd.sr.AlgorithmIdentification:
         """TID 4019 Algorithm Identification, for SR measurement groups."""

@@ -66,14 +66,7 @@ def build_presentation_state(
     window_centre, window_width = LUNG_WINDOW
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=images,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_versions,  # type: ignore[arg-type]
-        device_serial_number=algorithm.device_uid,
+        **algorithm.new_object(series_number, GSPS_SERIES_DESCRIPTION),
         content_label=GSPS_CONTENT_LABEL,
         content_description="Lung nodules found by CAD (not a diagnosis)",
         graphic_annotations=annotations,
@@ -83,7 +76,6 @@ def build_presentation_state(
                 window_center=window_centre, window_width=window_width, window_explanation="LUNG"
             )
         ],
-        series_description=GSPS_SERIES_DESCRIPTION,
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     # Not paired, so General Series needs no Laterality: dciodvfy asks for one when no body part is given.

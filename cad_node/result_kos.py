@@ -85,15 +85,7 @@ def build_key_object_selection(
     return hd.ko.KeyObjectSelectionDocument(
         evidence=evidence,
         content=content,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        series_description=KOS_SERIES_DESCRIPTION,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_uid,
+        **algorithm.new_object(series_number, KOS_SERIES_DESCRIPTION),
         contributing_equipment=[algorithm.contributing_equipment()],
     )
 

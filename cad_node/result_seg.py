@@ -68,18 +68,10 @@ def build_segmentation(
         segment_descriptions=[
             _segment_description(number, uid, algorithm) for number, uid in enumerate(tracking_uids, start=1)
         ],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_uid,
+        **algorithm.new_object(series_number, SEG_SERIES_DESCRIPTION),
         plane_positions=[_plane_position(source_headers[k], frame_numbers[k]) for k in slices],
         content_label=SEG_CONTENT_LABEL,
         content_description="Lung nodules found by CAD (not a diagnosis)",
-        series_description=SEG_SERIES_DESCRIPTION,
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     return segmentation

@@ -114,18 +114,10 @@ def build_report(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=root,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
+        **algorithm.new_object(series_number, SR_SERIES_DESCRIPTION),
         is_complete=True,
         is_final=False,  # PRELIMINARY: a radiologist has not verified it
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_uid,
         coding_schemes=[local_coding_scheme()] if findings else None,
         contributing_equipment=[algorithm.contributing_equipment()],
     )

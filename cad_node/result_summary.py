@@ -265,17 +265,9 @@ def build_summary_document(
     now = datetime.datetime.now(datetime.UTC)
     dataset = hd.base.SOPClass(
         study_instance_uid=source_headers[0].StudyInstanceUID,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        **algorithm.new_object(series_number, SUMMARY_SERIES_DESCRIPTION),
         sop_class_uid=EncapsulatedPDFStorage,
-        instance_number=1,
         modality="DOC",
-        manufacturer=algorithm.manufacturer,
-        series_description=SUMMARY_SERIES_DESCRIPTION,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_versions,  # type: ignore[arg-type]
-        device_serial_number=algorithm.device_uid,
         content_date=now.date(),
         content_time=now.time(),
     )
