@@ -35,7 +35,23 @@ def run_cli(arguments: Sequence[str], environment: dict[str, str] | None = None)
     return done.stdout
 
 
-class RunningNode:
+class _NodeFolder:
+    """A node's temporary folder, with its data folder inside, while the node runs."""
+
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def root(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError("the node is not running (use it as a context manager)")
+        return Path(self._workdir.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+
+class RunningNode(_NodeFolder):
     """`cad-node up` on a free port with its own data folder; `jobs()` reads `cad-node jobs list --json`."""
 
     def __init__(
@@ -53,16 +69,6 @@ class RunningNode:
         self.ae_title = NODE_AET
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def root(self) -> Path:
-        if self._workdir is None:
-            raise RuntimeError("the node is not running (use it as a context manager)")
-        return Path(self._workdir.name)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def log_path(self) -> Path:
@@ -136,7 +142,7 @@ class RunningNode:
             self._workdir = None
 
 
-class SplitNode:
+class SplitNode(_NodeFolder):
     """The node as a hospital runs it: `cad-node listen` and separate `cad-node worker` processes sharing
     a broker and a job database given by URL (Redis and PostgreSQL in production)."""
 
@@ -168,16 +174,6 @@ class SplitNode:
         self.ae_title = NODE_AET
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    @property
-    def root(self) -> Path:
-        if self._workdir is None:
-            raise RuntimeError("the node is not running (use it as a context manager)")
-        return Path(self._workdir.name)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     def _start(self, name: str, *arguments: str) -> None:
         log = (self.root / f"{name}.log").open("wb")
