@@ -43,6 +43,14 @@ class EncodedResults:
     def extras(self) -> dict[ExtraOutput, Dataset | None]:
         return {"gsps": self.gsps, "kos": self.kos, "summary": self.summary}
 
+    def by_file(self) -> dict[str, Dataset | None]:
+        """Each object under the name of its file in the results folder; None where there is none."""
+        return {
+            SR_FILE: self.sr,
+            SEG_FILE: self.seg,
+            **{EXTRA_FILES[name]: dataset for name, dataset in self.extras().items()},
+        }
+
 
 def encode_results(
     source_headers: Sequence[Dataset],
@@ -92,16 +100,12 @@ def write_results(results: EncodedResults, out_dir: Path) -> list[Path]:
     whole or not at all. A file left from an earlier run is removed when these results have no such
     object, so the folder always holds one run's results."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_write_atomically(results.sr, out_dir / SR_FILE)]
-    if results.seg is not None:
-        written.append(_write_atomically(results.seg, out_dir / SEG_FILE))
-    else:
-        (out_dir / SEG_FILE).unlink(missing_ok=True)
-    for name, dataset in results.extras().items():
+    written = []
+    for name, dataset in results.by_file().items():
         if dataset is not None:
-            written.append(_write_atomically(dataset, out_dir / EXTRA_FILES[name]))
+            written.append(_write_atomically(dataset, out_dir / name))
         else:
-            (out_dir / EXTRA_FILES[name]).unlink(missing_ok=True)
+            (out_dir / name).unlink(missing_ok=True)
     return written
 
 

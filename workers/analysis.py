@@ -172,8 +172,7 @@ def _record(
     written: list[Path],
     destinations: list[str],
 ) -> None:
-    from pydicom import dcmread
-
+    made = {name: dataset for name, dataset in results.by_file().items() if dataset is not None}
     with database.session() as session:
         job = session.get_one(Job, job_id)
         job.model_version = version
@@ -192,7 +191,7 @@ def _record(
                 )
             )
         for path in written:
-            header = dcmread(path, stop_before_pixels=True)
+            header = made[path.name]
             session.add(
                 ResultObject(
                     job=job,
