@@ -15,7 +15,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from cad_node.algorithm import AlgorithmIdentity
-from cad_node.result_seg import tracking_id
+from cad_node.result_seg import nodule_name, tracking_id
 from cad_node.result_sr import nodule_outline
 from models.findings import Finding
 
@@ -35,7 +35,7 @@ LABEL_GAP = 4.0
 def nodule_label(number: int, finding: Finding) -> str:
     """ "Nodule 1: 12 x 9 mm, solid, Lung-RADS 4A (CAD suggestion)"."""
     return (
-        f"{tracking_id(number)}: {finding.long_axis_mm:.0f} x {finding.short_axis_mm:.0f} mm, "
+        f"{nodule_name(number)}: {finding.long_axis_mm:.0f} x {finding.short_axis_mm:.0f} mm, "
         f"{finding.nodule_type}, Lung-RADS {finding.lung_rads} (CAD suggestion)"
     )
 

@@ -37,9 +37,20 @@ SEGMENT_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def tracking_id(number: int) -> str:
-    """The name a nodule goes by in both result objects: "Nodule N", N from 1."""
+# OHIF loads a measurement group into its measurement panel only when the group's tracking identifier
+# starts with a Cornerstone tool's name; a closed outline is its PlanarFreehandROI.
+OHIF_TOOL_PREFIX = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+
+def nodule_name(number: int) -> str:
+    """The name a nodule goes by in every result object: "Nodule N", N from 1."""
     return f"Nodule {number}"
+
+
+def tracking_id(number: int) -> str:
+    """The tracking identifier of nodule N in the SR, the SEG and the GSPS: OHIF's tool prefix, then
+    the nodule's name (the tracking UID is what joins the objects)."""
+    return f"{OHIF_TOOL_PREFIX}:{nodule_name(number)}"
 
 
 def build_segmentation(
@@ -85,10 +96,10 @@ def _stacked_masks(
     grid = np.array([n_slices, *in_plane])
     for number, finding in enumerate(findings, start=1):
         if finding.mask.voxel_count == 0:
-            raise ValueError(f"{tracking_id(number)} has an empty mask")
+            raise ValueError(f"{nodule_name(number)} has an empty mask")
         low = np.array(finding.mask.offset)
         if np.any(low < 0) or np.any(low + np.array(finding.mask.array.shape) > grid):
-            raise ValueError(f"{tracking_id(number)}'s mask does not lie on the source grid {tuple(grid)}")
+            raise ValueError(f"{nodule_name(number)}'s mask does not lie on the source grid {tuple(grid)}")
     slices = sorted({k for f in findings for k in _slices_with_voxels(f)})
     index = {k: n for n, k in enumerate(slices)}
     stacked = np.zeros((len(slices), *in_plane, len(findings)), dtype=bool)
@@ -142,7 +153,7 @@ def _segment_description(
 ) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=tracking_id(number),
+        segment_label=nodule_name(number),
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Nodule,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from cad_node.algorithm import AlgorithmIdentity
-from cad_node.result_seg import tracking_id
+from cad_node.result_seg import nodule_name, tracking_id
 from models.findings import Finding
 
 SR_SERIES_DESCRIPTION = "CAD nodules SR"
@@ -59,6 +59,7 @@ LUNG_ZONES: dict[str, Code] = {  # CID 6171 Zone of Lung
 }
 SIDES: dict[str, Code] = {"right": codes.SCT.Right, "left": codes.SCT.Left}  # CID 244 Laterality
 DIAMETER_DECIMALS = 1  # mm
+AREA_DECIMALS = 1  # mm2
 VOLUME_DECIMALS = 0  # mm3
 ATTENUATION_DECIMALS = 0  # HU
 
@@ -209,9 +210,14 @@ def _planar_group(
     algorithm: AlgorithmIdentity,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     source = _source_image(header, frame_number)
-    # highdicom does not allow SCOORDs inside the measurements of a planar group, so the axes' end points
-    # (findings.json has them) are not drawn.
+    outline = nodule_outline(finding)
+    row_spacing, column_spacing = _pixel_spacing_mm(header)
     measurements = [
+        hd.sr.Measurement(
+            name=codes.SCT.Area,
+            value=round(_enclosed_area(outline) * row_spacing * column_spacing, AREA_DECIMALS),
+            unit=codes.UCUM.SquareMillimeter,
+        ),
         hd.sr.Measurement(
             name=codes.SCT.LongAxis,
             value=round(finding.long_axis_mm, DIAMETER_DECIMALS),
@@ -224,12 +230,10 @@ def _planar_group(
         ),
         *_volume_measurements(finding),
     ]
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id(number)),
         referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=nodule_outline(finding),
-            source_image=source,
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=source
         ),
         finding_type=codes.SCT.Nodule,
         algorithm_id=algorithm.sr_identification(),
@@ -240,6 +244,49 @@ def _planar_group(
             hd.sr.QualitativeEvaluation(name=LUNG_RADS_SUGGESTION, value=lung_rads_code(finding.lung_rads)),
         ],
     )
+    _for_ohif(group, outline, source, nodule_caption(number, finding))
+    return group
+
+
+def _for_ohif(
+    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations,
+    outline: npt.NDArray[np.float64],
+    source: hd.sr.SourceImageForRegion,
+    caption: str,
+) -> None:
+    """What OHIF needs to load the group into its measurement panel as a freehand ROI: the outline again,
+    INFERRED FROM under the first NUM (the area it bounds, TID 300 style), and the caption as a comment,
+    which becomes the measurement's label. TID 1410 and 1419 are extensible; highdicom's constructor
+    refuses coordinates under a planar group's measurements, so they are added here."""
+    items = group[0].ContentSequence
+    first_num = next(item for item in items if item.ValueType == "NUM")
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = hd.sr.ContentSequence()
+    first_num.ContentSequence.append(
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=source
+        )
+    )
+    items.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=caption, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+    )
+
+
+def nodule_caption(number: int, finding: Finding) -> str:
+    """ "Nodule 1: solid, Lung-RADS 4B (suggestion)": OHIF's label of the measurement."""
+    return f"{nodule_name(number)}: {finding.nodule_type}, Lung-RADS {finding.lung_rads} (suggestion)"
+
+
+def _pixel_spacing_mm(header: Dataset) -> tuple[float, float]:
+    """(row spacing, column spacing) of a single-frame image, or of a multi-frame one's shared groups."""
+    spacing = (
+        header.PixelSpacing
+        if "PixelSpacing" in header
+        else header.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    )
+    return float(spacing[0]), float(spacing[1])
 
 
 def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:

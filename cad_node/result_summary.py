@@ -29,7 +29,7 @@ from pydicom.valuerep import PersonName
 
 from cad_node.algorithm import AlgorithmIdentity
 from cad_node.result_gsps import LUNG_WINDOW
-from cad_node.result_seg import tracking_id
+from cad_node.result_seg import nodule_name
 from cad_node.result_sr import nodule_outline
 from models.findings import Finding
 from models.volume import Volume
@@ -105,7 +105,7 @@ def summary_page(
 def _row(number: int, finding: Finding, key_header: Dataset) -> tuple[str, ...]:
     image = str(key_header.InstanceNumber) if key_header.get("InstanceNumber") is not None else "-"
     return (
-        tracking_id(number),
+        nodule_name(number),
         f"{finding.side} {finding.zone} zone".capitalize(),
         finding.nodule_type,
         f"{finding.long_axis_mm:.0f} x {finding.short_axis_mm:.0f}",

@@ -30,6 +30,10 @@ from models.preview import PreviewItem, nodule_montage
 from models.synthetic.cases import Case
 from models.volume import Volume
 
+# The held-out scans keep every candidate the classifier gives at least this probability, so that the
+# FROC curve runs past the operating point up to 8 false positives per scan, as LUNA16 scores it.
+FROC_MIN_PROBABILITY = 0.02
+
 
 @dataclass(frozen=True)
 class EvaluationOutput:
@@ -77,7 +81,7 @@ def evaluate_pipeline(
     for index, source in enumerate(sources, start=1):
         progress(f"held-out case {index}/{len(sources)}: {source.name}")
         case = make_case(source, backgrounds)
-        analysis = analyze(case.volume, pipeline)
+        analysis = analyze(case.volume, pipeline, min_probability=FROC_MIN_PROBABILITY)
         seconds.append(sum(analysis.seconds.values()))
         truth = truth_of(case, source.name)
         scans.append((truth, analysis.findings))
@@ -128,7 +132,7 @@ def _overlay(
             )
         )
     for finding, outcome in zip(analysis.findings, match.outcomes, strict=True):
-        if outcome.outcome is Outcome.FALSE_POSITIVE:
+        if outcome.outcome is Outcome.FALSE_POSITIVE and finding.probability >= pipeline.thresholds.classifier:
             k = finding.axial_slice_index
             items.append(
                 PreviewItem(

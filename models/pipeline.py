@@ -83,8 +83,15 @@ class Analysis:
 
 
 def analyze(
-    volume: Volume, pipeline: Pipeline, *, progress: Callable[[str], None] = lambda m: None
+    volume: Volume,
+    pipeline: Pipeline,
+    *,
+    min_probability: float | None = None,
+    progress: Callable[[str], None] = lambda m: None,
 ) -> Analysis:
+    """The findings whose classifier probability reaches `min_probability` (default: the shipped
+    operating point; the evaluation asks for lower ones too, to trace the whole FROC curve)."""
+    floor = pipeline.thresholds.classifier if min_probability is None else min_probability
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -102,9 +109,7 @@ def analyze(
     candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
     step("candidate detection")
     scores = classify(work, candidates, pipeline)
-    accepted = [
-        (c, s) for c, s in zip(candidates, scores, strict=True) if s >= pipeline.thresholds.classifier
-    ]
+    accepted = [(c, s) for c, s in zip(candidates, scores, strict=True) if s >= floor]
     step("false-positive reduction")
     findings = []
     for centre_kji, probability in accepted:

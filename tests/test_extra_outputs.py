@@ -185,7 +185,7 @@ def test_gsps_outline_lies_on_the_nodule_of_its_key_slice(encoded: Encoded) -> N
     assert ("ReferencedFrameNumber" in image) == _is_multi_frame(series)
     (outline,) = annotation.GraphicObjectSequence
     assert (outline.GraphicType, outline.GraphicAnnotationUnits) == ("POLYLINE", "PIXEL")
-    assert (outline.TrackingID, outline.TrackingUID) == ("Nodule 1", group.tracking_uid)
+    assert (outline.TrackingID, outline.TrackingUID) == (group.tracking_identifier, group.tracking_uid)
     points = np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2)
     np.testing.assert_array_equal(points[0], points[-1])
     plane = finding.mask.axial_slice(k, series.volume.shape[1:])
@@ -257,7 +257,7 @@ def test_three_nodules_on_two_key_slices(three_nodules: Encoded) -> None:
     ]
     gsps = pydicom.dcmread(three_nodules.path("gsps"))
     annotations = gsps.GraphicAnnotationSequence
-    assert [a.GraphicObjectSequence[0].TrackingID for a in annotations] == [
+    assert [a.GraphicObjectSequence[0].TrackingID.split(":")[-1] for a in annotations] == [
         "Nodule 1",
         "Nodule 2",
         "Nodule 3",

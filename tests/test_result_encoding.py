@@ -195,7 +195,7 @@ def test_sr_reads_back_the_nodule(encoded: Encoded) -> None:
     sr = hd.sr.srread(encoded.sr_path)
     finding = encoded.finding
     (group,) = sr.content.get_planar_roi_measurement_groups()
-    assert group.tracking_identifier == "Nodule 1"
+    assert group.tracking_identifier == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:Nodule 1"
     assert group.finding_type == codes.SCT.Nodule
     (site,) = group.finding_sites
     assert site.value == codes.SCT.LowerZoneOfLung
@@ -244,6 +244,41 @@ def test_sr_region_is_the_outline_on_the_referenced_slice(encoded: Encoded) -> N
     assert np.linalg.norm(corners_mm[:-1].mean(axis=0)[:2] - in_plane_centre[:2]) < 3.0
 
 
+def test_sr_group_holds_what_ohif_loads_into_its_measurement_panel(encoded: Encoded) -> None:
+    """OHIF hydrates a group whose tracking identifier starts with a Cornerstone tool's name and whose
+    first NUM holds the outline (INFERRED FROM); the group's comment becomes the label. Here the first
+    NUM is the area inside the outline on the key slice, and the comment is the nodule's caption."""
+    sr = hd.sr.srread(encoded.sr_path)
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    assert str(group.tracking_identifier).startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
+    first_num = next(item for item in group[0].ContentSequence if item.ValueType == "NUM")
+    assert first_num.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    unit = first_num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mm2", "UCUM")
+    (outline,) = [item for item in first_num.ContentSequence if item.ValueType == "SCOORD"]
+    assert outline.RelationshipType == "INFERRED FROM"
+    np.testing.assert_array_equal(outline.GraphicData, group.roi.GraphicData)
+    assert (
+        outline.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    )
+    area = float(first_num.MeasuredValueSequence[0].NumericValue)
+    k = encoded.finding.axial_slice_index
+    header = encoded.series.headers[k]
+    if "PixelSpacing" in header:
+        x, y = group.roi.value[:, 0], group.roi.value[:, 1]
+        polygon_px = abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2
+        assert area == pytest.approx(polygon_px * float(np.prod(header.PixelSpacing)), abs=0.05)
+    plane = encoded.finding.mask.axial_slice(k, encoded.series.volume.shape[1:])
+    assert area == pytest.approx(plane.sum() * float(np.prod(encoded.series.volume.spacing[1:])), rel=0.1)
+    (comment,) = [
+        item
+        for item in group[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "121106"  # DCM Comment
+    ]
+    assert comment.TextValue == f"Nodule 1: solid, Lung-RADS {encoded.finding.lung_rads} (suggestion)"
+
+
 def _rasterise(outline: npt.NDArray[np.float64], shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
     """Pixels whose centre ((column, row) = (i + 0.5, j + 0.5)) lies inside the polygon."""
     rows, columns = np.mgrid[: shape[0], : shape[1]]
@@ -259,7 +294,8 @@ def test_sr_and_seg_name_each_nodule_with_the_same_tracking_identifier(encoded: 
     assert sr.content.get_volumetric_roi_measurement_groups() == []
     segment = seg.SegmentSequence[0]
     assert segment.TrackingUID == planar.tracking_uid
-    assert segment.TrackingID == "Nodule 1" == str(planar.tracking_identifier)
+    assert segment.TrackingID == str(planar.tracking_identifier)
+    assert segment.TrackingID.endswith(":Nodule 1") and segment.SegmentLabel == "Nodule 1"
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
@@ -298,7 +334,8 @@ def test_two_overlapping_nodules_are_two_segments(two_nodules: tuple[Encoded, Fi
         np.testing.assert_array_equal(rebuilt, mask)
     sr = hd.sr.srread(encoded.sr_path)
     groups = sr.content.get_planar_roi_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
+    prefix = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:"
+    assert [g.tracking_identifier for g in groups] == [f"{prefix}Nodule 1", f"{prefix}Nodule 2"]
     assert [g.tracking_uid for g in groups] == [s.TrackingUID for s in seg.SegmentSequence]
     assert _measurement(groups[1], codes.SCT.Volume) == pytest.approx(second.volume_mm3, abs=0.5)
 

@@ -54,6 +54,7 @@ class SrNodule:
     sop_instance_uid: str
     outline_mm: npt.NDArray[np.float64]  # (n, 3) patient coordinates
     labels: tuple[str, ...]  # the text OHIF writes beside the outline
+    caption: str  # the group's comment: the label of the measurement OHIF loads into its panel
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ def _sr_nodules(sr: Dataset, ct: dict[str, Dataset]) -> list[SrNodule]:
         labels = tuple(
             _label(m.name.meaning, float(m.value), m.unit.value) for m in group.get_measurements()
         )[:5]
+        (caption,) = [
+            str(item.TextValue)
+            for item in group[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "121106"  # DCM Comment
+        ]
         nodules.append(
             SrNodule(
                 tracking_id=str(group.tracking_identifier),
@@ -121,6 +127,7 @@ def _sr_nodules(sr: Dataset, ct: dict[str, Dataset]) -> list[SrNodule]:
                 sop_instance_uid=sop,
                 outline_mm=_pixel_to_patient(ct[sop], outline),
                 labels=labels,
+                caption=caption,
             )
         )
     return nodules
@@ -485,10 +492,10 @@ def test_seg_overlay_lies_on_the_nodule_on_the_same_slice(study_in_viewer: Study
     )
     time.sleep(1.0)
 
-    by_label = {str(item.SegmentLabel): int(item.SegmentNumber) for item in study.seg.SegmentSequence}
+    by_uid = {str(item.TrackingUID): int(item.SegmentNumber) for item in study.seg.SegmentSequence}
     largest = max(study.nodules, key=lambda n: np.ptp(n.outline_mm, axis=0).max())
     for nodule in study.nodules:
-        segment = by_label[nodule.tracking_id]
+        segment = by_uid[nodule.tracking_uid]
         image = study.ct[nodule.sop_instance_uid]
         _show_image(driver, nodule.sop_instance_uid)
         with_overlay = _viewport_png(driver)
@@ -497,7 +504,7 @@ def test_seg_overlay_lies_on_the_nodule_on_the_same_slice(study_in_viewer: Study
         _segment_visible(driver, viewport_id, segmentation_id, segment, True)
         overlay = np.abs(with_overlay.astype(int) - without.astype(int)).sum(axis=2) > 30
         overlay &= _on_image(driver, image, overlay.shape)  # not the slice scrollbar's segment marks
-        name = nodule.tracking_id.replace(" ", "-").lower()
+        name = nodule.tracking_id.split(":")[-1].replace(" ", "-").lower()
         Image.fromarray(with_overlay).save(study.shots / f"seg-{name}-shown.png")
         Image.fromarray(without).save(study.shots / f"seg-{name}-hidden.png")
         assert overlay.sum() > 0, f"{nodule.tracking_id}: no overlay on its outline's slice"
@@ -597,22 +604,62 @@ def _inside(polygon: npt.NDArray[np.float64], point: npt.NDArray[np.float64]) ->
     return inside
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OHIF 3.13.2 cannot load ('hydrate') a TID 1410 POLYLINE outline into its measurement panel: "
-    "see docs/viewer.md, 'Known limits'",
-)
 def test_measurement_panel_lists_the_sr_nodules(study_in_viewer: StudyInViewer) -> None:
-    """After loading the SR, the measurement panel lists one measurement per nodule."""
+    """LOAD on the SR puts one measurement per nodule into OHIF's measurement panel, labelled with the
+    SR's caption ("Nodule N: type, Lung-RADS category (suggestion)"), on the SR's source image, with the
+    SR's outline (centre and extent within 1.5 mm), listed once each in the panel's rows."""
     study = study_in_viewer
     driver = study.driver
     _open_study(study)
     _open_series(driver, "CAD nodules SR")
-    badge = _wait_for(driver, "[data-cy^='ModalityLoadBadge']")
     script = "return window.services.displaySetService.getActiveDisplaySets()"
     script += ".some(d => d.isLoaded && d.Modality === 'SR')"
     wait_until(lambda: driver.execute_script(script), UI_TIMEOUT_S, what="the SR loaded")
-    assert "LOAD" in badge.text, f"OHIF offers no LOAD for the SR: {badge.text!r}"
-    _click(driver, "//*[starts-with(@data-cy, 'ModalityLoadBadge')]//*[normalize-space()='LOAD']")
-    panel = _wait_for(driver, "[data-cy='trackedMeasurements-panel']")
-    wait_until(lambda: f"Measurements ({len(study.nodules)})" in panel.text, 30, what="the nodules listed")
+    # OHIF asks whether to track the SR's measurements (or, once asked, offers LOAD on the SR's badge).
+    track = "//*[@data-cy='viewport-notification']//button[normalize-space()='Yes']"
+    load = "//*[starts-with(@data-cy, 'ModalityLoadBadge')]//*[normalize-space()='LOAD']"
+    _click(driver, f"{track} | {load}")
+    measurements = wait_until(
+        lambda: _panel_measurements(driver, len(study.nodules)), UI_TIMEOUT_S, what="the nodules loaded"
+    )
+    assert sorted(m["label"] for m in measurements) == sorted(n.caption for n in study.nodules)
+    if not driver.find_elements(_by("CSS_SELECTOR"), "[data-cy^='measurement-table-row-']"):
+        _click(driver, "[data-cy='trackedMeasurements-btn']")  # the right-hand panel, if it is closed
+    rows = wait_until(
+        lambda: [
+            r.text
+            for r in driver.find_elements(_by("CSS_SELECTOR"), "[data-cy^='measurement-table-row-']")
+            if r.is_displayed()
+        ]
+        or None,
+        UI_TIMEOUT_S,
+        what="the measurement panel's rows",
+    )
+    assert len(rows) == len(study.nodules), rows
+    for nodule in study.nodules:
+        assert sum(nodule.caption in row for row in rows) == 1, (nodule.caption, rows)
+    by_label = {m["label"]: m for m in measurements}
+    largest = max(study.nodules, key=lambda n: np.ptp(n.outline_mm, axis=0).max())
+    for nodule in study.nodules:
+        measurement = by_label[nodule.caption]
+        assert f"/instances/{nodule.sop_instance_uid}/" in measurement["imageId"], nodule.caption
+        points = np.asarray(measurement["points"], dtype=np.float64)
+        shift_mm = np.linalg.norm(points.mean(axis=0) - nodule.outline_mm[:-1].mean(axis=0))
+        extent_mm = np.abs(np.ptp(points, axis=0) - np.ptp(nodule.outline_mm, axis=0))
+        assert shift_mm < TOLERANCE_MM, f"{nodule.caption}: loaded {shift_mm:.1f} mm off the SR outline"
+        assert extent_mm.max() < TOLERANCE_MM, f"{nodule.caption}: size differs by {extent_mm} mm"
+    _show_image(driver, largest.sop_instance_uid)
+    _render_annotations(driver)
+    _save_shot(study, "viewer-panel.png")
+
+
+def _panel_measurements(driver: Any, expected: int) -> list[dict[str, Any]] | None:
+    """OHIF's measurements (its panel's rows): label, image and outline (patient coordinates)."""
+    found = driver.execute_script(
+        """return window.services.measurementService.getMeasurements().map(m => ({
+            label: m.label, imageId: m.referencedImageId || '',
+            points: (m.points && m.points.length ? m.points : (m.data && m.data.contour
+                     ? m.data.contour.polyline : [])).map(p => Array.from(p)),
+        }));"""
+    )
+    return found if len(found) >= expected else None
