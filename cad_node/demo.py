@@ -250,7 +250,7 @@ def _comparison(found: list[ReportedNodule], truth: list[dict[str, Any]]) -> lis
         if hit and nearest is not None:
             matched.add(nearest.tracking_id)
             lines.append(
-                f"  {number:>2}. {described}  found as {nearest.tracking_id} "
+                f"  {number:>2}. {described}  found as {nearest.name} "
                 f"({_distance(nearest, nodule):.1f} mm away, {nearest.long_axis_mm:.1f} x "
                 f"{nearest.short_axis_mm:.1f} mm, {nearest.nodule_type}, {nearest.lung_rads})"
             )
@@ -259,7 +259,7 @@ def _comparison(found: list[ReportedNodule], truth: list[dict[str, Any]]) -> lis
     extra = [f for f in found if f.tracking_id not in matched]
     lines.append(f"found {len(matched)} of {len(truth)} nodules; {len(extra)} other reported findings")
     lines += [
-        f"  {f.tracking_id}: {f.long_axis_mm:.1f} x {f.short_axis_mm:.1f} mm {f.nodule_type}, no true nodule"
+        f"  {f.name}: {f.long_axis_mm:.1f} x {f.short_axis_mm:.1f} mm {f.nodule_type}, no true nodule"
         for f in extra
     ]
     return lines

@@ -23,6 +23,11 @@ class ReportedNodule:
     nodule_type: str
     lung_rads: str
 
+    @property
+    def name(self) -> str:
+        """ "Nodule N": the tracking identifier without OHIF's tool prefix."""
+        return self.tracking_id.rsplit(":", 1)[-1]
+
 
 def reported_nodules(sr: Dataset, source: Mapping[str, Dataset]) -> list[ReportedNodule]:
     """The nodules of a TID 1500 report; `source` maps SOP Instance UID to the header of each image the

@@ -2,7 +2,10 @@
 
 Per nodule, a planar group (TID 1410) whose image region is the closed outline of the nodule on its
 largest axial slice, a 2D SCOORD POLYLINE on that source image (what viewers such as OHIF display),
-with the measurements and qualitative evaluations. The SEG's segment of the same nodule carries the same
+with the measurements and qualitative evaluations. What OHIF needs to list the nodule in its measurement
+panel is in the same group: the tracking identifier starts with OHIF's tool name, the first measurement
+(the area inside the outline) holds the outline as INFERRED FROM, and the caption is the group's
+comment (OHIF's label). The SEG's segment of the same nodule carries the same
 tracking identifier and UID, which is how a reader joins the two; the SEG is listed in the SR's evidence.
 (A volumetric TID 1411 group per segment would say it again, and PixelMed's validator misreads a report
 holding one planar and one volumetric group.) A study without findings gets a report whose
