@@ -60,6 +60,15 @@ def test_nothing_passes_an_impossible_threshold(case) -> None:
     assert analyze(case.volume, untrained(Thresholds(detector=1.01, classifier=0.5))).findings == []
 
 
+def test_min_probability_keeps_the_findings_below_the_operating_point(case) -> None:
+    """The evaluation asks for every finding above a low floor (to trace the FROC past the operating
+    point); the node gets only those at the operating point."""
+    pipeline = untrained(Thresholds(detector=0.0, classifier=1.0))
+    assert analyze(case.volume, pipeline).findings == []
+    floor = analyze(case.volume, pipeline, min_probability=0.0)
+    assert floor.findings and all(0.0 <= f.probability < 1.0 for f in floor.findings)
+
+
 def test_candidate_points_are_peaks_in_the_lungs() -> None:
     heat = np.zeros((20, 20, 20), np.float32)
     heat[5, 5, 5], heat[5, 6, 5], heat[15, 15, 15] = 0.9, 0.8, 0.7
