@@ -131,8 +131,9 @@ def _overlay(
                 colour="lime" if found else "red",
             )
         )
+    operating = pipeline.thresholds.classifier
     for finding, outcome in zip(analysis.findings, match.outcomes, strict=True):
-        if outcome.outcome is Outcome.FALSE_POSITIVE and finding.probability >= pipeline.thresholds.classifier:
+        if outcome.outcome is Outcome.FALSE_POSITIVE and finding.probability >= operating:
             k = finding.axial_slice_index
             items.append(
                 PreviewItem(
