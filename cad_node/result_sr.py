@@ -259,8 +259,9 @@ def _for_ohif(
 ) -> None:
     """What OHIF needs to load the group into its measurement panel as a freehand ROI: the outline again,
     INFERRED FROM under the first NUM (the area it bounds, TID 300 style), and the caption as a comment,
-    which becomes the measurement's label. TID 1410 and 1419 are extensible; highdicom's constructor
-    refuses coordinates under a planar group's measurements, so they are added here."""
+    which becomes the measurement's label. highdicom's constructor refuses coordinates under a planar
+    group's measurements, so they are added here; PixelMed's TID 1500 validation accepts both (the
+    comment with a "not in template" warning)."""
     items = group[0].ContentSequence
     first_num = next(item for item in items if item.ValueType == "NUM")
     if "ContentSequence" not in first_num:
