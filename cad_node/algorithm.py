@@ -68,6 +68,18 @@ class AlgorithmIdentity:
         """TID 4019 Algorithm Identification, for SR measurement groups."""
         return hd.sr.AlgorithmIdentification(name=self.name, version=self.version)
 
+    def observer_context(self) -> hd.sr.ObserverContext:
+        """The algorithm as the device observer (TID 1004), for the SR and the KOS."""
+        return hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=self.device_uid,
+                name=self.name,
+                manufacturer_name=self.manufacturer,
+                model_name=self.name,
+            ),
+        )
+
     def seg_identification(self) -> hd.AlgorithmIdentificationSequence:
         """Algorithm Identification Sequence, for SEG segments."""
         return hd.AlgorithmIdentificationSequence(

@@ -62,15 +62,7 @@ def build_key_object_selection(
     content = hd.ko.KeyObjectSelection(
         document_title=KOS_TITLE,
         referenced_objects=list(images.values()),
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.name,
-            ),
-        ),
+        observer_device_context=algorithm.observer_context(),
         description=key_image_description(findings, source_headers),
     )
     for item in content[0].ContentSequence:

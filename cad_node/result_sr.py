@@ -135,17 +135,7 @@ def _unique_instances(headers: Sequence[Dataset]) -> list[Dataset]:
 
 
 def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.name,
-            ),
-        )
-    )
+    return hd.sr.ObservationContext(observer_device_context=algorithm.observer_context())
 
 
 def _report_without_measurements(algorithm: AlgorithmIdentity) -> hd.sr.ContainerContentItem:
@@ -214,11 +204,10 @@ def _planar_group(
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     source = _source_image(header, frame_number)
     outline = nodule_outline(finding)
-    row_spacing, column_spacing = _pixel_spacing_mm(header)
     measurements = [
         hd.sr.Measurement(
             name=codes.SCT.Area,
-            value=round(_enclosed_area(outline) * row_spacing * column_spacing, AREA_DECIMALS),
+            value=round(_outline_area_mm2(outline, header, frame_number), AREA_DECIMALS),
             unit=codes.UCUM.SquareMillimeter,
         ),
         hd.sr.Measurement(
@@ -283,14 +272,14 @@ def nodule_caption(number: int, finding: Finding) -> str:
     return f"{nodule_name(number)}: {finding.nodule_type}, Lung-RADS {finding.lung_rads} (suggestion)"
 
 
-def _pixel_spacing_mm(header: Dataset) -> tuple[float, float]:
-    """(row spacing, column spacing) of a single-frame image, or of a multi-frame one's shared groups."""
-    spacing = (
-        header.PixelSpacing
-        if "PixelSpacing" in header
-        else header.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+def _outline_area_mm2(outline: npt.NDArray[np.float64], header: Dataset, frame_number: int) -> float:
+    """The area inside a closed outline of image coordinates, in patient space (the image's own
+    geometry, single- or multi-frame, as highdicom reads it)."""
+    to_patient = hd.spatial.ImageToReferenceTransformer.for_image(
+        header, frame_number=frame_number if _is_multi_frame(header) else None
     )
-    return float(spacing[0]), float(spacing[1])
+    points = to_patient(outline)
+    return float(np.linalg.norm(np.cross(points, np.roll(points, -1, axis=0)).sum(axis=0))) / 2
 
 
 def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
