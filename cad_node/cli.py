@@ -218,6 +218,43 @@ def train(
 
 
 @main.command()
+@click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
+@click.option(
+    "--detector-thresholds",
+    help="The detector thresholds to try, comma-separated (default: 0.05,0.1,0.2,0.3).",
+)
+@click.option(
+    "--ship/--no-ship",
+    default=True,
+    show_default=True,
+    help="Write the chosen thresholds into the shipped detector's metadata.",
+)
+def calibrate(device: str | None, detector_thresholds: str | None, ship: bool) -> None:
+    """Choose the operating point (detector and classifier thresholds) on the validation cases."""
+    from models import calibration
+    from models.pipeline import WEIGHTS_DIR, Pipeline
+
+    started = time.perf_counter()
+    try:
+        grid = (
+            list(calibration.DETECTOR_THRESHOLDS)
+            if detector_thresholds is None
+            else [float(t) for t in detector_thresholds.split(",")]
+        )
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--detector-thresholds") from error
+    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
+        raise click.BadParameter("thresholds between 0 and 1", param_hint="--detector-thresholds")
+    pipeline = Pipeline.load(device=device)
+    result = calibration.calibrate(pipeline, grid, progress=_echo_progress(started))
+    click.echo(f"model {pipeline.version}")
+    click.echo(result.format_table())
+    if ship:
+        path = calibration.ship_thresholds(result, WEIGHTS_DIR)
+        click.echo(f"operating point {result.thresholds} written into {path}")
+
+
+@main.command()
 @click.option(
     "--out", "out_dir", type=click.Path(path_type=Path), default=Path("var/evaluation"), show_default=True
 )

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +81,9 @@ class Analysis:
     findings: list[Finding]
     candidates: int
     seconds: dict[str, float]
+    # The detector's heatmap value at each finding's candidate, in the order of `findings`: what a
+    # higher detector threshold would have kept (`models.calibration` replays it).
+    detector_scores: list[float] = field(default_factory=list)
 
 
 def analyze(
@@ -108,17 +112,22 @@ def analyze(
     heatmap, box = detect(work, lungs, pipeline)
     candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
     step("candidate detection")
-    scores = classify(work, candidates, pipeline)
+    scores = classify(work, [c.kji for c in candidates], pipeline)
     accepted = [(c, s) for c, s in zip(candidates, scores, strict=True) if s >= floor]
     step("false-positive reduction")
-    findings = []
-    for centre_kji, probability in accepted:
-        centre_mm = work.index_to_patient(centre_kji)
-        mask = segment(volume, centre_mm, pipeline)
+    found = []
+    for candidate, probability in accepted:
+        mask = segment(volume, work.index_to_patient(candidate.kji), pipeline)
         if mask is not None:
-            findings.append(describe(volume, mask, probability, lungs, work))
+            found.append((describe(volume, mask, probability, lungs, work), candidate.score))
     step("segmentation and measurement")
-    return Analysis(findings=_without_duplicates(findings), candidates=len(candidates), seconds=seconds)
+    kept = _without_duplicates(found)
+    return Analysis(
+        findings=[f for f, _ in kept],
+        candidates=len(candidates),
+        seconds=seconds,
+        detector_scores=[s for _, s in kept],
+    )
 
 
 def detect(
@@ -129,28 +138,33 @@ def detect(
     return predict_heatmap(pipeline.detector, normalise(work.hu[box])), box
 
 
+class Candidate(NamedTuple):
+    kji: npt.NDArray[np.float64]  # index on the 1 mm grid
+    score: float  # the detector's heatmap value there
+
+
 def candidate_points(
     heatmap: npt.NDArray[np.float32],
     box: tuple[slice, slice, slice],
     lungs: npt.NDArray[np.uint8],
     threshold: float,
-) -> list[npt.NDArray[np.float64]]:
-    """Local maxima of the heatmap above the detector threshold, in the (slightly widened) lungs, as
-    indices of the 1 mm grid, the most probable first."""
+) -> list[Candidate]:
+    """Local maxima of the heatmap above the detector threshold, in the (slightly widened) lungs, the
+    most probable first. The candidates of a higher threshold are the first ones of this list."""
     peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold)
     indices = np.argwhere(peaks)
     order = np.argsort(heatmap[tuple(indices.T)])[::-1]
     offset = np.array([s.start for s in box], dtype=np.float64)
     near_lung = ndimage.binary_dilation(lungs[box] > 0, iterations=4)
-    points: list[npt.NDArray[np.float64]] = []
+    points: list[Candidate] = []
     for index in indices[order]:
         kji = index * 2 + 0.5
         inside = np.clip(np.rint(kji).astype(int), 0, np.asarray(near_lung.shape) - 1)
         if not near_lung[tuple(inside)]:
             continue
         point = kji + offset
-        if all(np.linalg.norm(point - p) >= CANDIDATE_SEPARATION_MM for p in points):
-            points.append(point)
+        if all(np.linalg.norm(point - p.kji) >= CANDIDATE_SEPARATION_MM for p in points):
+            points.append(Candidate(point, float(heatmap[tuple(index)])))
         if len(points) >= MAX_CANDIDATES:
             break
     return points
@@ -214,13 +228,14 @@ def describe(
     return measure_finding(volume, mask, probability, side, zone)
 
 
-def _without_duplicates(findings: list[Finding]) -> list[Finding]:
-    """Two candidates on one nodule give two overlapping masks: keep the more probable."""
-    kept: list[Finding] = []
-    for finding in sorted(findings, key=lambda f: f.probability, reverse=True):
+def _without_duplicates(found: list[tuple[Finding, float]]) -> list[tuple[Finding, float]]:
+    """Two candidates on one nodule give two overlapping masks: keep the more probable (with its
+    detector score)."""
+    kept: list[tuple[Finding, float]] = []
+    for finding, score in sorted(found, key=lambda pair: pair[0].probability, reverse=True):
         if all(
             np.linalg.norm(np.subtract(finding.centre_mm, k.centre_mm)) > max(k.mean_diameter_mm / 2, 3.0)
-            for k in kept
+            for k, _ in kept
         ):
-            kept.append(finding)
+            kept.append((finding, score))
     return kept

@@ -40,7 +40,7 @@ from models.preprocessing import normalise
 from models.training import TrainConfig, TrainResult, train
 from models.training_data import Shard
 
-MODEL_VERSION = "0.2.0"
+MODEL_VERSION = "0.3.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):
@@ -291,24 +291,28 @@ def train_all(
             budget,
             metadata={"version": MODEL_VERSION, "data": data},
         )
-        entry: dict[str, Any] = {stage: round(result.best_metric, 4) for stage, result in runs}
-        chosen = runs[-1][1]
         if compare_scratch:
             progress(f"{name}: the same network on insertions alone, from scratch")
-            scratch = train_network(recipe, [("real-only", real)], validation, data_dir / "runs", budget)[0][
-                1
-            ]
-            entry["real-only"] = round(scratch.best_metric, 4)
-            entry["pretraining_helps"] = chosen.best_metric > scratch.best_metric
-            if scratch.best_metric > chosen.best_metric:
-                chosen = scratch
+            runs += train_network(recipe, [("real-only", real)], validation, data_dir / "runs", budget)
+        entry: dict[str, Any] = {stage: round(result.best_metric, 4) for stage, result in runs}
+        if compare_scratch:
+            entry["pretraining_helps"] = entry["real"] > entry["real-only"]
+        # Every stage's best checkpoint competes on the validation metric: fine-tuning on insertions
+        # alone can lose more on the synthetic validation cases than it gains on the real ones.
+        shipped_stage, chosen = max(runs, key=lambda run: run[1].best_metric)
+        entry["shipped_stage"] = shipped_stage
         entry["shipped_metric"] = round(chosen.best_metric, 4)
         if ship_weights:
             shipped = ship(
                 chosen.best_path,
                 weights_dir or WEIGHTS_DIR,
                 name,
-                {"version": MODEL_VERSION, "data": data, "validation_metric": chosen.best_metric},
+                {
+                    "version": MODEL_VERSION,
+                    "data": data,
+                    "stage": shipped_stage,
+                    "validation_metric": chosen.best_metric,
+                },
             )
             entry["weights"] = str(shipped)
         summary["networks"][name] = entry

@@ -42,6 +42,8 @@ def test_analyze_runs_every_stage(case) -> None:
         "segmentation and measurement",
     }
     assert analysis.candidates > 0
+    assert len(analysis.detector_scores) == len(analysis.findings)
+    assert all(0.0 <= score <= 1.0 for score in analysis.detector_scores)
     for finding in analysis.findings:
         assert finding.long_axis_mm >= finding.short_axis_mm > 0
         assert finding.mask.voxel_count > 0
@@ -76,7 +78,8 @@ def test_candidate_points_are_peaks_in_the_lungs() -> None:
     box = (slice(0, 40), slice(0, 40), slice(0, 40))
     points = candidate_points(heat, box, lungs, threshold=0.5)
     assert len(points) == 2  # the 0.8 beside the 0.9 is no peak
-    np.testing.assert_allclose(points[0], [10.5, 10.5, 10.5])
+    np.testing.assert_allclose(points[0].kji, [10.5, 10.5, 10.5])
+    assert [p.score for p in points] == pytest.approx([0.9, 0.7])
     lungs[:] = 0
     assert candidate_points(heat, box, lungs, threshold=0.5) == []
 
