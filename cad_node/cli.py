@@ -215,6 +215,8 @@ def train(
         progress=_echo_progress(started),
     )
     click.echo(json.dumps(summary, indent=2))
+    if ship and "detector" in summary["networks"]:
+        click.echo("a new detector was shipped without an operating point: run `cad-node calibrate`")
 
 
 @main.command()

@@ -83,7 +83,7 @@ class Analysis:
     seconds: dict[str, float]
     # The detector's heatmap value at each finding's candidate, in the order of `findings`: what a
     # higher detector threshold would have kept (`models.calibration` replays it).
-    detector_scores: list[float] = field(default_factory=list)
+    detector_scores: list[float]
 
 
 def analyze(
