@@ -298,7 +298,7 @@ def train_all(
         if compare_scratch:
             entry["pretraining_helps"] = max(entry["synthetic"], entry["real"]) > entry["real-only"]
         # Every stage's best checkpoint competes on the validation metric: fine-tuning on insertions
-        # alone can lose more on the synthetic validation cases than it gains on the real ones.
+        # alone can lower it (measured for the detector, whose validation set is 2/3 synthetic cases).
         shipped_stage, chosen = max(runs, key=lambda run: run[1].best_metric)
         entry["shipped_stage"] = shipped_stage
         entry["shipped_metric"] = round(chosen.best_metric, 4)
