@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from models.datasets import Backgrounds, make_case, split_sources
-from models.evaluation import DetectionLike, ScanTruth, evaluate
+from models.evaluation import DetectionLike, ScanTruth, build_report, evaluate
 from models.evaluation_runs import FROC_MIN_PROBABILITY, truth_of
 from models.networks import load_model, save_model
 from models.pipeline import Pipeline, Thresholds, analyze
@@ -55,7 +55,7 @@ class ValidationScan:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class GridPoint:
     """What one detector threshold gives on the validation split, at its classifier threshold."""
 
     detector: float
@@ -70,8 +70,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Calibration:
-    chosen: Candidate
-    grid: list[Candidate]
+    chosen: GridPoint
+    grid: list[GridPoint]
     scans: int
     targets: int
 
@@ -128,22 +128,21 @@ def classifier_threshold(fp_scores: np.ndarray, n_scans: int) -> float:
     return float(CLASSIFIER_GRID[-1])
 
 
-def replay(scans: Sequence[ValidationScan], detector: float) -> Candidate:
+def replay(scans: Sequence[ValidationScan], detector: float) -> GridPoint:
     """The validation figures with the detector threshold at `detector` and the classifier threshold
     chosen for it."""
     kept = [
         (s.truth, [f for f, d in zip(s.findings, s.detector_scores, strict=True) if d >= detector])
         for s in scans
     ]
-    full = evaluate(kept)
-    matches = full.matches
+    matches = evaluate(kept).matches
     fp_scores = np.concatenate([m.false_positive_scores() for m in matches])
     classifier = classifier_threshold(fp_scores, len(matches))
-    report = evaluate(kept, threshold=classifier)
+    report = build_report(matches, threshold=classifier)
     overall = report.group("all")
     point = overall.operating_point
     large = [g for g in report.groups if g.name == ">= 6 mm"]
-    return Candidate(
+    return GridPoint(
         detector=detector,
         classifier=classifier,
         cpm=round(overall.froc.cpm, 4),
