@@ -272,16 +272,13 @@ def evaluate(
 ) -> None:
     """Evaluate the shipped pipeline: FROC, CPM, F1, Dice and size errors on held-out cases by type and
     size, and the LUNA16 listing of the two real LIDC scans."""
-    import dataclasses
-
     from models.evaluation_runs import evaluate_pipeline
     from models.pipeline import Pipeline
 
     started = time.perf_counter()
     pipeline = Pipeline.load(device=device)
     if detector_threshold is not None:
-        thresholds = dataclasses.replace(pipeline.thresholds, detector=detector_threshold)
-        pipeline = dataclasses.replace(pipeline, thresholds=thresholds)
+        pipeline = pipeline.with_detector_threshold(detector_threshold)
     output = evaluate_pipeline(pipeline, out_dir, max_cases=max_cases, progress=_echo_progress(started))
     click.echo(
         f"model {pipeline.version}, detector threshold {pipeline.thresholds.detector}, "

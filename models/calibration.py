@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from models.datasets import Backgrounds, make_case, split_sources
-from models.evaluation import DetectionLike, ScanTruth, build_report, evaluate
-from models.evaluation_runs import FROC_MIN_PROBABILITY, truth_of
+from models.datasets import split_sources
+from models.evaluation import DetectionLike, ScanTruth, build_report, match_scan
+from models.evaluation_runs import analysed_cases, truth_of
 from models.networks import load_model, save_model
-from models.pipeline import Pipeline, Thresholds, analyze
+from models.pipeline import Pipeline, Thresholds
 
 DETECTOR_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 # A reader accepts about one false mark per scan from a CAD system; more sensitivity than that costs
@@ -105,18 +105,11 @@ class Calibration:
 def validation_scans(
     pipeline: Pipeline, lowest_detector: float, progress: Callable[[str], None] = lambda m: None
 ) -> list[ValidationScan]:
-    low = dataclasses.replace(
-        pipeline, thresholds=dataclasses.replace(pipeline.thresholds, detector=lowest_detector)
-    )
-    backgrounds = Backgrounds()
-    sources = split_sources("validation")
-    scans = []
-    for index, source in enumerate(sources, start=1):
-        progress(f"validation case {index}/{len(sources)}: {source.name}")
-        case = make_case(source, backgrounds)
-        analysis = analyze(case.volume, low, min_probability=FROC_MIN_PROBABILITY)
-        scans.append(ValidationScan(truth_of(case, source.name), analysis.findings, analysis.detector_scores))
-    return scans
+    low = pipeline.with_detector_threshold(lowest_detector)
+    return [
+        ValidationScan(truth_of(case, source.name), analysis.findings, analysis.detector_scores)
+        for source, case, analysis in analysed_cases(low, split_sources("validation"), "validation", progress)
+    ]
 
 
 def classifier_threshold(fp_scores: np.ndarray, n_scans: int) -> float:
@@ -135,7 +128,7 @@ def replay(scans: Sequence[ValidationScan], detector: float) -> GridPoint:
         (s.truth, [f for f, d in zip(s.findings, s.detector_scores, strict=True) if d >= detector])
         for s in scans
     ]
-    matches = evaluate(kept).matches
+    matches = [match_scan(truth, detections) for truth, detections in kept]
     fp_scores = np.concatenate([m.false_positive_scores() for m in matches])
     classifier = classifier_threshold(fp_scores, len(matches))
     report = build_report(matches, threshold=classifier)

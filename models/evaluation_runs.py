@@ -5,13 +5,20 @@ false positives."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from models.datasets import LIDC_CASES, Backgrounds, lidc_series_dir, make_case, split_sources
+from models.datasets import (
+    LIDC_CASES,
+    Backgrounds,
+    CaseSource,
+    lidc_series_dir,
+    make_case,
+    split_sources,
+)
 from models.evaluation import (
     EvaluationReport,
     Outcome,
@@ -59,6 +66,20 @@ def truth_of(case: Case, case_id: str) -> ScanTruth:
     return ScanTruth(case_id=case_id, targets=targets, ignore=list(case.ignore))
 
 
+def analysed_cases(
+    pipeline: Pipeline,
+    sources: Sequence[CaseSource],
+    label: str,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Iterator[tuple[CaseSource, Case, Analysis]]:
+    """Each case of the data layer with the pipeline's findings down to `FROC_MIN_PROBABILITY`."""
+    backgrounds = Backgrounds()
+    for index, source in enumerate(sources, start=1):
+        progress(f"{label} case {index}/{len(sources)}: {source.name}")
+        case = make_case(source, backgrounds)
+        yield source, case, analyze(case.volume, pipeline, min_probability=FROC_MIN_PROBABILITY)
+
+
 def evaluate_pipeline(
     pipeline: Pipeline,
     out_dir: Path,
@@ -74,14 +95,10 @@ def evaluate_pipeline(
         inserted = [s for s in sources if s.kind == "insertion"]
         half = max(1, max_cases // 2)
         sources = synthetic[: max_cases - min(half, len(inserted))] + inserted[:half]
-    backgrounds = Backgrounds()
     scans: list[tuple[ScanTruth, list[Finding]]] = []
     seconds = []
     overlays = []
-    for index, source in enumerate(sources, start=1):
-        progress(f"held-out case {index}/{len(sources)}: {source.name}")
-        case = make_case(source, backgrounds)
-        analysis = analyze(case.volume, pipeline, min_probability=FROC_MIN_PROBABILITY)
+    for source, case, analysis in analysed_cases(pipeline, sources, "held-out", progress):
         seconds.append(sum(analysis.seconds.values()))
         truth = truth_of(case, source.name)
         scans.append((truth, analysis.findings))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -74,6 +74,10 @@ class Pipeline:
         segmenter, _ = load_model(paths["segmenter"], chosen)
         thresholds = Thresholds(**meta.get("thresholds", {}))
         return cls(detector, classifier, segmenter, str(meta.get("version", "unknown")), thresholds, chosen)  # type: ignore[arg-type]
+
+    def with_detector_threshold(self, threshold: float) -> Pipeline:
+        """The same networks with another candidate threshold (experiments, calibration)."""
+        return replace(self, thresholds=replace(self.thresholds, detector=threshold))
 
 
 @dataclass(frozen=True)
