@@ -197,7 +197,8 @@ def train(
     ship: bool,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
-    nodules inserted into the LIDC backgrounds."""
+    nodules inserted into the LIDC backgrounds. The classifier also learns from the shipped
+    detector's own candidates, so a new detector is trained (and shipped) first."""
     from models.training_runs import Budget, train_all
 
     started = time.perf_counter()
@@ -215,8 +216,8 @@ def train(
         progress=_echo_progress(started),
     )
     click.echo(json.dumps(summary, indent=2))
-    if ship and "detector" in summary["networks"]:
-        click.echo("a new detector was shipped without an operating point: run `cad-node calibrate`")
+    if ship and summary["networks"]:
+        click.echo("new networks change the operating point: run `cad-node calibrate`")
 
 
 @main.command()
@@ -285,6 +286,13 @@ def evaluate(
         f"operating point p >= {pipeline.thresholds.classifier}"
     )
     click.echo(output.held_out.format_table())
+    click.echo("At the operating point, by background (insertions: into the LIDC scans training also saw)")
+    for kind, figures in output.by_background.items():
+        point = figures.point
+        click.echo(
+            f"  {kind}: {figures.scans} scans, sensitivity {point.recall:.3f} "
+            f"({point.tp}/{point.tp + point.fn}), {point.fp_per_scan:.2f} false positives per scan"
+        )
     for listing in output.lidc_listings:
         click.echo(listing)
     seconds = output.seconds_per_scan

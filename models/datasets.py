@@ -102,15 +102,10 @@ def build_shards(
         if not path.exists():
             progress(f"{split} {index}/{len(sources)}: {source.name}")
             shard = shard_from_case(make_case(source, backgrounds), np.random.default_rng([source.seed, 7]))
-            partial = path.with_suffix(".partial.npz")
-            shard.save(partial)
-            partial.rename(path)
+            shard.save(path)
         paths.append(path)
     return paths
 
 
 def load_shards(paths: list[Path]) -> Shard:
-    shards = [Shard.load(p) for p in paths]
-    return Shard(
-        **{name: np.concatenate([getattr(s, name) for s in shards]) for name in Shard.__dataclass_fields__}
-    )
+    return Shard.concatenate([Shard.load(p) for p in paths])

@@ -753,6 +753,13 @@ def _stats_json(stats: Stats) -> dict[str, Any]:
     return {"n": stats.n, "mean": _json_number(stats.mean), "median": _json_number(stats.median)}
 
 
+def operating_point_json(point: OperatingPoint) -> dict[str, Any]:
+    return {
+        key: _json_number(value) if isinstance(value, float) else value
+        for key, value in asdict(point).items()
+    }
+
+
 def _group_json(group: GroupReport) -> dict[str, Any]:
     froc, point, segmentation = group.froc, group.operating_point, group.segmentation
     curve = froc.curve
@@ -774,10 +781,7 @@ def _group_json(group: GroupReport) -> dict[str, Any]:
                 "sensitivity": [_json_number(v) for v in curve.sensitivity],
             },
         },
-        "operating_point": {
-            key: _json_number(value) if isinstance(value, float) else value
-            for key, value in asdict(point).items()
-        },
+        "operating_point": operating_point_json(point),
         "segmentation": {
             "found": segmentation.found,
             "dice": _stats_json(segmentation.dice),

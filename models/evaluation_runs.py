@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from models.datasets import (
 )
 from models.evaluation import (
     EvaluationReport,
+    OperatingPoint,
     Outcome,
     ScanMatch,
     ScanTruth,
@@ -28,6 +30,8 @@ from models.evaluation import (
     detection_listing,
     evaluate,
     match_scan,
+    operating_point,
+    operating_point_json,
     plot_froc,
 )
 from models.findings import Finding
@@ -45,9 +49,37 @@ FROC_MIN_PROBABILITY = 0.02
 @dataclass(frozen=True)
 class EvaluationOutput:
     held_out: EvaluationReport
+    by_background: dict[str, BackgroundFigures]
     lidc_listings: list[str]
     seconds_per_scan: list[float]
     files: list[Path]
+
+
+@dataclass(frozen=True)
+class BackgroundFigures:
+    """The operating point on the held-out scans of one kind of background: synthetic chests, or the
+    real LIDC scans that nodules were inserted into (the backgrounds training also saw)."""
+
+    scans: int
+    point: OperatingPoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scans": self.scans, **operating_point_json(self.point)}
+
+
+def figures_by_background(
+    matches: Sequence[ScanMatch], kinds: Sequence[str], threshold: float
+) -> dict[str, BackgroundFigures]:
+    """`kinds[i]` is the background of `matches[i]`."""
+    figures = {}
+    for kind in dict.fromkeys(kinds):
+        chosen = [m for m, k in zip(matches, kinds, strict=True) if k == kind]
+        target_scores = np.concatenate([m.target_scores() for m in chosen])
+        fp_scores = np.concatenate([m.false_positive_scores() for m in chosen])
+        figures[kind] = BackgroundFigures(
+            len(chosen), operating_point(target_scores, fp_scores, len(chosen), threshold)
+        )
+    return figures
 
 
 def truth_of(case: Case, case_id: str) -> ScanTruth:
@@ -98,15 +130,18 @@ def evaluate_pipeline(
     scans: list[tuple[ScanTruth, list[Finding]]] = []
     seconds = []
     overlays = []
+    kinds: list[str] = []
     for source, case, analysis in analysed_cases(pipeline, sources, "held-out", progress):
         seconds.append(sum(analysis.seconds.values()))
         truth = truth_of(case, source.name)
         scans.append((truth, analysis.findings))
+        kinds.append(source.kind)
         if len(overlays) < 4:
             overlays.append(
                 _overlay(case.volume, truth, analysis, out_dir / f"overlay-{source.name}.png", pipeline)
             )
     report = evaluate(scans, threshold=pipeline.thresholds.classifier if threshold is None else threshold)
+    by_background = figures_by_background(report.matches, kinds, report.threshold)
     files = [out_dir / "froc.png", out_dir / "report.json", *overlays]
     plot_froc(report, files[0], groups=["all", ">= 6 mm"])
     listings = []
@@ -120,10 +155,24 @@ def evaluate_pipeline(
         listings.append(f"{name}\n{detection_listing(match)}")
         files.append(_overlay(lidc.volume, truth, analysis, out_dir / f"overlay-{name}.png", pipeline, match))
     files[1].write_text(
-        json.dumps({"held_out": report.to_json(), "lidc": listings, "seconds_per_scan": seconds}, indent=2)
+        json.dumps(
+            {
+                "held_out": report.to_json(),
+                "by_background": {kind: f.to_json() for kind, f in by_background.items()},
+                "lidc": listings,
+                "seconds_per_scan": seconds,
+            },
+            indent=2,
+        )
         + "\n"
     )
-    return EvaluationOutput(held_out=report, lidc_listings=listings, seconds_per_scan=seconds, files=files)
+    return EvaluationOutput(
+        held_out=report,
+        by_background=by_background,
+        lidc_listings=listings,
+        seconds_per_scan=seconds,
+        files=files,
+    )
 
 
 def _overlay(

@@ -113,7 +113,7 @@ def analyze(
     work = resample(volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
     step("preprocessing")
-    heatmap, box = detect(work, lungs, pipeline)
+    heatmap, box = detect(work, lungs, pipeline.detector)
     candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
@@ -135,11 +135,11 @@ def analyze(
 
 
 def detect(
-    work: Volume, lungs: npt.NDArray[np.uint8], pipeline: Pipeline
+    work: Volume, lungs: npt.NDArray[np.uint8], detector: CandidateDetector
 ) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice]]:
     """Nodule-centre probabilities at stride 2 over the lungs' box."""
     box = lung_box(lungs, work.spacing)
-    return predict_heatmap(pipeline.detector, normalise(work.hu[box])), box
+    return predict_heatmap(detector, normalise(work.hu[box])), box
 
 
 class Candidate(NamedTuple):

@@ -190,6 +190,27 @@ def plot_curves(history: list[dict[str, float]], path: Path, best_epoch: int | N
     return path
 
 
+def plot_stages(
+    stages: list[tuple[str, list[dict[str, float]]]], path: Path, *, metric: str, continued: int
+) -> Path:
+    """Each stage's validation metric per epoch on one axis, as a PNG: the first `continued` stages
+    follow each other (pretraining, then fine-tuning from its best weights), the rest start afresh."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    offset = 0
+    for index, (stage, history) in enumerate(stages):
+        start = offset if index < continued else 0
+        epochs = [start + h["epoch"] for h in history]
+        ax.plot(epochs, [h["val_metric"] for h in history], "o-", label=stage)
+        if index < continued:
+            offset += len(history)
+    ax.set(xlabel="epoch", ylabel=metric, title="Validation metric by training stage")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def _write_log(path: Path, history: Iterable[dict[str, float]]) -> None:
     path.write_text("".join(json.dumps(h) + "\n" for h in history))
 

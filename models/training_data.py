@@ -38,12 +38,33 @@ class Shard:
     segmentation_masks: npt.NDArray[np.bool_]  # (P, 48, 48, 48)
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, **{name: getattr(self, name) for name in self.__dataclass_fields__})
+        """Written under a temporary name first: an interrupted run leaves no shard that looks whole."""
+        partial = path.with_suffix(".partial.npz")
+        np.savez_compressed(partial, **{name: getattr(self, name) for name in self.__dataclass_fields__})
+        partial.rename(path)
+
+    @classmethod
+    def of_classifier(cls, images: Sequence[npt.NDArray[np.int16]], labels: Sequence[int]) -> Shard:
+        """Samples for the false-positive classifier alone (mined candidates)."""
+        return cls(
+            detection_images=_stack([], DETECTION_PATCH, np.int16),
+            detection_heatmaps=_stack([], DETECTION_PATCH, np.uint8),
+            classifier_images=_stack(images, CLASSIFIER_PATCH, np.int16),
+            classifier_labels=np.asarray(labels, dtype=np.uint8),
+            segmentation_images=_stack([], SEGMENTATION_PATCH, np.int16),
+            segmentation_masks=_stack([], SEGMENTATION_PATCH, np.bool_),
+        )
 
     @classmethod
     def load(cls, path: Path) -> Shard:
         with np.load(path) as data:
             return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def concatenate(cls, shards: Sequence[Shard]) -> Shard:
+        return cls(
+            **{name: np.concatenate([getattr(s, name) for s in shards]) for name in cls.__dataclass_fields__}
+        )
 
 
 def heatmap_sigma_mm(mean_diameter_mm: float) -> float:

@@ -4,7 +4,8 @@ comparison that says whether pretraining helps.
 
 Stages, each a `models.training.train` run with its own folder of checkpoints, log and curves:
     detector:   synthetic -> insertions      (metric: average precision of centre voxels)
-    classifier: synthetic -> insertions      (metric: ROC AUC)
+    classifier: synthetic -> insertions      (metric: ROC AUC), both stages and the validation with
+                the shipped detector's own candidates on the synthetic cases (`models.hard_negatives`)
     segmenter:  synthetic -> insertions      (metric: mean Dice)
     and, for the comparison, each network trained on insertions alone from scratch.
 """
@@ -37,10 +38,10 @@ from models.networks import (
     save_model,
 )
 from models.preprocessing import normalise
-from models.training import TrainConfig, TrainResult, train
+from models.training import TrainConfig, TrainResult, plot_stages, train
 from models.training_data import Shard
 
-MODEL_VERSION = "0.3.0"
+MODEL_VERSION = "0.4.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):
@@ -138,10 +139,14 @@ class NetworkRecipe:
     make: Callable[[], nn.Module]
     loss: Callable[[Tensor, Tensor], Tensor]
     metric: Callable[[Tensor, Tensor], float]
+    metric_name: str
     images: str
     targets: str
     kind: str
     lr_scale: float = 1.0  # times the budget's learning rates
+    # Trains on the shipped detector's candidates too, mined from the synthetic cases
+    # (`models.hard_negatives`), in both stages and in validation (not in the from-scratch comparison).
+    mined_candidates: bool = False
 
 
 RECIPES = {
@@ -150,6 +155,7 @@ RECIPES = {
         CandidateDetector,
         heatmap_loss,
         lambda o, t: average_precision(torch.sigmoid(o), t),
+        "average precision of centre voxels",
         "detection_images",
         "detection_heatmaps",
         "detector",
@@ -159,15 +165,18 @@ RECIPES = {
         FalsePositiveClassifier,
         bce_loss,
         roc_auc,
+        "ROC AUC",
         "classifier_images",
         "classifier_labels",
         "classifier",
+        mined_candidates=True,
     ),
     "segmenter": NetworkRecipe(
         "segmenter",
         lambda: NoduleSegmenter(SegmenterConfig(channels=(8, 16, 32, 64))),
         dice_bce_loss,
         mean_dice,
+        "mean Dice",
         "segmentation_images",
         "segmentation_masks",
         "segmenter",
@@ -239,11 +248,47 @@ def train_network(
 def ship(model_path: Path, weights_dir: Path, name: str, metadata: dict[str, Any]) -> Path:
     """The trained network as shipped: float16 weights in the package, with its metadata."""
     model, saved = load_model(model_path)
-    return save_model(model, weights_dir / f"{name}.pt", {**saved, **metadata}, half=True)
+    shipped = save_model(model, weights_dir / f"{name}.pt", {**saved, **metadata}, half=True)
+    stamp_version(weights_dir, metadata["version"])
+    return shipped
+
+
+def stamp_version(weights_dir: Path, version: str) -> None:
+    """The version names the set of networks (the DICOM outputs' algorithm version), so a network
+    shipped alone makes the others part of the new version; each keeps the version it was trained in."""
+    for path in sorted(weights_dir.glob("*.pt")):
+        model, metadata = load_model(path)
+        if metadata.get("version") != version:
+            trained_in = metadata.get("trained_in", metadata.get("version"))
+            save_model(model, path, {**metadata, "version": version, "trained_in": trained_in}, half=True)
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _mined(
+    weights_dir: Path, shard_dir: Path, progress: Callable[[str], None]
+) -> tuple[tuple[Shard, Shard], dict[str, Any]]:
+    """The shipped detector's candidates on the synthetic training and validation cases, and what
+    they hold."""
+    from models.datasets import load_shards
+    from models.hard_negatives import detector_tag, mine_shards, mining_sources
+
+    detector_path = weights_dir / "detector.pt"
+    progress(f"mining the candidates of {detector_path} on the synthetic cases")
+    train, validation = (
+        load_shards(mine_shards(split, mining_sources(split), detector_path, shard_dir, progress=progress))
+        for split in ("train", "validation")
+    )
+    counts = {
+        split: {
+            "positives": int(shard.classifier_labels.sum()),
+            "negatives": int((shard.classifier_labels == 0).sum()),
+        }
+        for split, shard in (("train", train), ("validation", validation))
+    }
+    return (train, validation), {"detector": detector_tag(detector_path), **counts}
 
 
 def train_all(
@@ -263,6 +308,8 @@ def train_all(
     unknown = sorted(set(networks) - set(RECIPES))
     if unknown:
         raise ValueError(f"unknown networks {unknown}; choose from {sorted(RECIPES)}")
+    # The classifier mines the shipped detector's candidates: a detector trained in this run goes first.
+    networks = [name for name in RECIPES if name in networks]
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, progress=progress)
     validation = load_shards(build_shards("validation", shard_dir, progress=progress))
@@ -282,19 +329,41 @@ def train_all(
     }
     for name in networks:
         recipe = RECIPES[name]
+        entry: dict[str, Any] = {}
+        sets = {"synthetic": synthetic, "real": real, "validation": validation}
+        if recipe.mined_candidates:
+            (mined_train, mined_validation), entry["mined"] = _mined(
+                weights_dir or WEIGHTS_DIR, shard_dir, progress
+            )
+            sets = {
+                "synthetic": Shard.concatenate([synthetic, mined_train]),
+                "real": Shard.concatenate([real, mined_train]),
+                "validation": Shard.concatenate([validation, mined_validation]),
+            }
         progress(f"{name}: pretraining on synthetic cases, then fine-tuning on insertions into real CT")
         runs = train_network(
             recipe,
-            [("synthetic", synthetic), ("real", real)],
-            validation,
+            [("synthetic", sets["synthetic"]), ("real", sets["real"])],
+            sets["validation"],
             data_dir / "runs",
             budget,
-            metadata={"version": MODEL_VERSION, "data": data},
+            metadata={"version": MODEL_VERSION, "data": data, **entry},
         )
         if compare_scratch:
             progress(f"{name}: the same network on insertions alone, from scratch")
-            runs += train_network(recipe, [("real-only", real)], validation, data_dir / "runs", budget)
-        entry: dict[str, Any] = {stage: round(result.best_metric, 4) for stage, result in runs}
+            # Insertions alone, without the mined candidates (synthetic cases), on the same validation set.
+            runs += train_network(
+                recipe, [("real-only", real)], sets["validation"], data_dir / "runs", budget
+            )
+        entry.update({stage: round(result.best_metric, 4) for stage, result in runs})
+        entry["curves"] = str(
+            plot_stages(
+                [(stage, result.history) for stage, result in runs],
+                data_dir / "runs" / f"{name}-stages.png",
+                metric=recipe.metric_name,
+                continued=2,
+            )
+        )
         if compare_scratch:
             entry["pretraining_helps"] = max(entry["synthetic"], entry["real"]) > entry["real-only"]
         # Every stage's best checkpoint competes on the validation metric: fine-tuning on insertions

@@ -439,3 +439,24 @@ def test_lidc_0001(truth_0001: ScanTruth) -> None:
     assert "hit target 1" in listing and "ignore mark of kind nodule<3mm" in listing
     segmentation = evaluate([(truth_0001, detections)]).group(ALL).segmentation
     assert segmentation.dice.mean == pytest.approx(1.0)
+
+
+def test_figures_by_background_split_the_operating_point() -> None:
+    from models.evaluation_runs import figures_by_background
+
+    synthetic = match_scan(
+        _truth([_target(1), _target(2, (50.0, 0.0, 0.0))]), [_at(1.0, 0.9), _at(90.0, 0.8)]
+    )
+    inserted = [
+        match_scan(_truth([_target(1)]), [_at(1.0, 0.4), _at(30.0, 0.95), _at(60.0, 0.2)]),
+        match_scan(_truth([_target(1)]), [_at(0.0, 0.99)]),
+    ]
+    figures = figures_by_background([synthetic, *inserted], ["synthetic", "insertion", "insertion"], 0.5)
+    assert list(figures) == ["synthetic", "insertion"]
+    synthetic_point, inserted_point = figures["synthetic"].point, figures["insertion"].point
+    assert (synthetic_point.tp, synthetic_point.tp + synthetic_point.fn) == (1, 2)
+    assert synthetic_point.fp_per_scan == 1.0
+    assert (inserted_point.tp, inserted_point.tp + inserted_point.fn) == (1, 2)
+    assert inserted_point.fp == 1  # the one at p 0.2 is below the operating point
+    assert figures["insertion"].scans == 2
+    assert figures["insertion"].to_json()["fp_per_scan"] == 0.5

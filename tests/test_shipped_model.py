@@ -4,16 +4,19 @@ the real nodule of LIDC-IDRI-0001."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cad_node.cli import main
+from models.networks import load_model
 from models.pipeline import WEIGHTS_DIR, Pipeline
-from models.training_runs import MODEL_VERSION
+from models.training_runs import MODEL_VERSION, stamp_version
 
 CONSENSUS_0001 = np.array([56.4, 86.3, -116.0])
 
@@ -38,3 +41,24 @@ def test_analyze_finds_the_lidc_0001_nodule(lidc_series_dir: Callable[[str], Pat
     nodule = document["findings"][int(np.argmin(distances))]
     assert nodule["type"] == "solid"
     assert nodule["long_axis_mm"] == pytest.approx(32.1, abs=8.0)  # the readers' consensus: 32.1 x 25.9 mm
+
+
+def test_every_shipped_network_names_the_model_version() -> None:
+    for path in sorted(WEIGHTS_DIR.glob("*.pt")):
+        _, metadata = load_model(path)
+        assert metadata["version"] == MODEL_VERSION, path.name
+
+
+def test_shipping_one_network_makes_the_others_part_of_its_version(tmp_path: Path) -> None:
+    for path in WEIGHTS_DIR.glob("*.pt"):
+        shutil.copy(path, tmp_path / path.name)
+    stamp_version(tmp_path, "9.9.9")
+    for path in sorted(tmp_path.glob("*.pt")):
+        model, metadata = load_model(path)
+        original, before = load_model(WEIGHTS_DIR / path.name)
+        assert metadata["version"] == "9.9.9"
+        assert metadata["trained_in"] == before.get("trained_in", before["version"])
+        assert all(
+            torch.equal(tensor, original.state_dict()[name]) for name, tensor in model.state_dict().items()
+        )
+    assert Pipeline.load(tmp_path, device="cpu").version == "9.9.9"

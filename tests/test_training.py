@@ -213,3 +213,18 @@ def test_resume_goes_on_as_if_never_interrupted(
         assert {**got, "seconds": 0} == pytest.approx({**want, "seconds": 0}, rel=1e-5)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_stages_plot_continues_fine_tuning_after_pretraining(tmp_path: Path) -> None:
+    from models.training import plot_stages
+
+    def history(metrics: list[float]) -> list[dict[str, float]]:
+        return [{"epoch": i, "val_metric": m} for i, m in enumerate(metrics, start=1)]
+
+    path = plot_stages(
+        [("synthetic", history([0.2, 0.5])), ("real", history([0.6])), ("real-only", history([0.1, 0.3]))],
+        tmp_path / "stages.png",
+        metric="ROC AUC",
+        continued=2,
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
