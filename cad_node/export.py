@@ -37,8 +37,12 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class SendReport:
-    sent: int
+    stored: list[Path]  # those the peer confirmed
     failed: dict[str, str]  # path -> why
+
+    @property
+    def sent(self) -> int:
+        return len(self.stored)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +70,8 @@ def send_files(
     progress: Callable[[int], None] = lambda n: None,
 ) -> SendReport:
     """C-STORE every file to `peer` over one association. Raises ExportError when the peer cannot be
-    reached or refuses the association; per-file failures are in the report."""
+    reached or refuses the association; per-file failures, and the files left when the peer drops the
+    association, are in the report."""
     files = outgoing(paths)
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -87,9 +92,12 @@ def send_files(
         why = "rejected the association" if association.is_rejected else "could not be reached"
         raise ExportError(f"{peer} {why}")
     failed: dict[str, str] = {}
-    sent = 0
+    stored: list[Path] = []
     try:
         for file in files:
+            if not association.is_established:
+                failed[str(file.path)] = f"not sent: {peer} dropped the association"
+                continue
             try:
                 status = association.send_c_store(file.path)
             except ValueError as error:  # no accepted presentation context for this file
@@ -97,13 +105,11 @@ def send_files(
                 continue
             code = int(status.Status) if "Status" in status else -1
             if code in (0x0000, 0xB000, 0xB006, 0xB007):
-                sent += 1
-                progress(sent)
+                stored.append(file.path)
+                progress(len(stored))
             else:
                 failed[str(file.path)] = "no response" if code == -1 else f"status 0x{code:04X}"
-            if not association.is_established:
-                raise ExportError(f"{peer} dropped the association after {sent} of {len(files)} files")
     finally:
         if association.is_established:
             association.release()
-    return SendReport(sent=sent, failed=failed)
+    return SendReport(stored=stored, failed=failed)

@@ -60,7 +60,7 @@ class DeliveryStatus(StrEnum):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[str]: JSON}
 
 
 class Study(Base):
@@ -199,7 +199,10 @@ class Delivery(Base):
 
 
 class DeliveryAttempt(Base):
-    """One C-STORE attempt of a delivery: when, how long, and what went wrong."""
+    """One C-STORE attempt of a delivery: when, how long, which objects the peer stored, what went wrong.
+
+    A later attempt sends only what no earlier one had stored, so a retry never gives the PACS an
+    object twice."""
 
     __tablename__ = "delivery_attempts"
 
@@ -208,6 +211,7 @@ class DeliveryAttempt(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     seconds: Mapped[float] = mapped_column(Float)
     error: Mapped[str] = mapped_column(Text, default="")
+    stored: Mapped[list[str]] = mapped_column(default=list)  # SOP instance UIDs
 
     delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")
 

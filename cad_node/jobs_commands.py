@@ -62,6 +62,7 @@ def job_details(job: Job) -> dict[str, Any]:
                         "started_at": a.started_at.isoformat(timespec="seconds") + "Z",
                         "seconds": a.seconds,
                         "error": a.error,
+                        "stored": a.stored,
                     }
                     for a in d.attempt_log
                 ],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
 
 from cad_node.job_database import (
@@ -139,6 +140,54 @@ def test_results_delivered_to_a_real_scp(done: Done) -> None:
     # A message for a delivery already made (a duplicate, or a retry after success) sends nothing.
     assert done.deliver(destination) is None
     assert done.delivery(destination).attempts == 1
+
+
+class DiskFullOnce:
+    """A pynetdicom storage SCP that answers 0xA700 (out of resources) the first time it is sent `refused`
+    and stores everything else: a PACS whose disk filled up in the middle of an association."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.stored: list[str] = []
+        self.refusals = 0
+        self.ae = AE(ae_title="PACS")
+        self.ae.supported_contexts = StoragePresentationContexts
+        self.port = free_port()
+
+    def _store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid == self.refused and not self.refusals:
+            self.refusals += 1
+            return 0xA700
+        self.stored.append(uid)
+        return 0x0000
+
+    def __enter__(self) -> DiskFullOnce:
+        handlers = [(evt.EVT_C_STORE, self._store)]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def test_a_retry_sends_only_what_the_peer_has_not_stored(done: Done) -> None:
+    uids = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in done.results]
+    with DiskFullOnce(refused=uids[0]) as pacs:
+        destination = f"PACS@127.0.0.1:{pacs.port}"
+        done.add_delivery(destination)
+        assert done.deliver(destination) == BACKOFF_S
+        first = done.delivery(destination)
+        assert first.status == DeliveryStatus.RETRYING
+        assert first.last_error == f"{done.results[0].name}: status 0xA700"
+        assert pacs.stored == [uids[1]]
+        assert done.deliver(destination) is None
+        assert pacs.stored == [uids[1], uids[0]]  # each once: the second attempt did not resend uids[1]
+    shown = cad_node("jobs", "show", str(done.job_id), "--data-dir", str(done.settings.data_dir))
+    assert shown.returncode == 0, shown.stderr
+    (delivery,) = json.loads(shown.stdout)["deliveries"]
+    assert (delivery["status"], delivery["attempts"]) == (DeliveryStatus.DELIVERED, 2)
+    assert [a["stored"] for a in delivery["attempt_log"]] == [[uids[1]], [uids[0]]]
 
 
 def test_unreachable_destination_retries_with_growing_waits_then_fails_and_an_admin_retries(

@@ -158,6 +158,7 @@ class AttemptView:
     started_at: dt.datetime
     seconds: float
     error: str
+    stored: int
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,9 @@ def job_page(database: JobDatabase, job_id: int) -> JobPage | None:
                     last_error=d.last_error,
                     updated_at=d.updated_at,
                     delivered_at=d.delivered_at,
-                    attempt_log=[AttemptView(a.started_at, a.seconds, a.error) for a in d.attempt_log],
+                    attempt_log=[
+                        AttemptView(a.started_at, a.seconds, a.error, len(a.stored)) for a in d.attempt_log
+                    ],
                 )
                 for d in job.deliveries
             ],
