@@ -177,8 +177,19 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
     help="Where the training shards, checkpoints, logs and curves go.",
 )
 @click.option("--networks", default="detector,classifier,segmenter", show_default=True)
-@click.option("--pretrain-epochs", type=int, help="Epochs on synthetic cases.")
-@click.option("--finetune-epochs", type=int, help="Epochs on insertions into real CT.")
+@click.option(
+    "--pretrain-epochs", type=click.IntRange(min=0), help="Epochs on synthetic cases (0: no pretraining)."
+)
+@click.option(
+    "--finetune-epochs",
+    type=click.IntRange(min=0),
+    help="Epochs on insertions into real CT (with the synthetic cases, for the detector; 0: none).",
+)
+@click.option(
+    "--from-shipped",
+    is_flag=True,
+    help="Go on from the shipped networks instead of from scratch; each stays shipped unless beaten.",
+)
 @click.option(
     "--compare-scratch/--no-compare-scratch",
     default=True,
@@ -195,6 +206,7 @@ def train(
     finetune_epochs: int | None,
     compare_scratch: bool,
     ship: bool,
+    from_shipped: bool,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
     nodules inserted into the LIDC backgrounds. The classifier also learns from the shipped
@@ -202,21 +214,26 @@ def train(
     from models.training_runs import Budget, train_all
 
     started = time.perf_counter()
-    budget = Budget()
+    default = Budget()
     budget = Budget(
-        pretrain_epochs=pretrain_epochs or budget.pretrain_epochs,
-        finetune_epochs=finetune_epochs or budget.finetune_epochs,
+        pretrain_epochs=default.pretrain_epochs if pretrain_epochs is None else pretrain_epochs,
+        finetune_epochs=default.finetune_epochs if finetune_epochs is None else finetune_epochs,
     )
+    if budget.pretrain_epochs + budget.finetune_epochs == 0:
+        raise click.BadParameter(
+            "nothing to train: both stages have 0 epochs", param_hint="--pretrain-epochs"
+        )
     summary = train_all(
         data_dir,
         [n.strip() for n in networks.split(",")],
         budget,
         compare_scratch=compare_scratch,
         ship_weights=ship,
+        from_shipped=from_shipped,
         progress=_echo_progress(started),
     )
     click.echo(json.dumps(summary, indent=2))
-    if ship and summary["networks"]:
+    if any("weights" in entry for entry in summary["networks"].values()):
         click.echo("new networks change the operating point: run `cad-node calibrate`")
 
 

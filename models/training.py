@@ -169,6 +169,16 @@ def _validate(
     return total / max(len(output_all), 1), float(metric_fn(output_all, target_all))
 
 
+def validation_metric(
+    model: nn.Module, val_data: Data, *, loss_fn: LossFn, metric_fn: MetricFn, config: TrainConfig
+) -> float:
+    """The validation metric of `model` as it is, as an epoch of `train` would measure it."""
+    device = choose_device(config.device)
+    model.to(device)
+    loader = _loader(val_data, config, shuffle=False, device=device)
+    return _validate(model, loader, loss_fn, metric_fn, device, config)[1]
+
+
 def plot_curves(history: list[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
     """Train and validation loss (left) and validation metric (right) per epoch, as a PNG."""
     fig = Figure(figsize=(10, 4), layout="constrained")

@@ -11,8 +11,17 @@ import torch
 from torch.utils.data import TensorDataset
 
 from models.augmentation import AugmentConfig, augment
-from models.networks import ClassifierConfig, FalsePositiveClassifier, bce_loss, load_model, render_heatmap
+from models.networks import (
+    ClassifierConfig,
+    FalsePositiveClassifier,
+    bce_loss,
+    load_model,
+    render_heatmap,
+    save_model,
+)
 from models.training import TrainConfig, train
+from models.training_data import Shard
+from models.training_runs import RECIPES, Budget, Stage, shipped_start, train_network
 
 NO_AFFINE = AugmentConfig(affine_prob=0.0)
 GEOMETRY_ONLY = AugmentConfig(intensity_scale=(1, 1), intensity_shift=(0, 0), noise_prob=0.0)
@@ -228,3 +237,52 @@ def test_stages_plot_continues_fine_tuning_after_pretraining(tmp_path: Path) -> 
         continued=2,
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _classifier_shard(count: int, seed: int) -> Shard:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    images = [rng.normal(-700 + 500 * label, 50, (32, 32, 32)).astype(np.int16) for label in labels]
+    return Shard.of_classifier(images, list(labels))
+
+
+def test_training_goes_on_from_the_shipped_network_and_measures_it_first(tmp_path: Path) -> None:
+    recipe = RECIPES["classifier"]
+    torch.manual_seed(1)
+    shipped = recipe.make()
+    save_model(
+        shipped, tmp_path / "weights" / "classifier.pt", {"version": "9.9.9", "stage": "real"}, half=True
+    )
+    validation = _classifier_shard(8, seed=2)
+
+    start, continued = shipped_start(recipe, tmp_path / "weights", validation)
+    assert continued["trained_in"] == "9.9.9" and continued["stage"] == "real"
+    assert 0.0 <= continued["validation_metric"] <= 1.0
+
+    # With a learning rate of 0 the convolutions stay as they started: the shipped ones, not a new draw.
+    ((stage, result),) = train_network(
+        recipe,
+        [Stage("real", _classifier_shard(8, seed=3), epochs=1, lr=0.0)],
+        validation,
+        tmp_path / "runs",
+        Budget(batch_size=4),
+        start=start,
+    )
+    trained, _ = load_model(result.best_path)
+    shipped_weights, _ = load_model(tmp_path / "weights" / "classifier.pt")
+    convolutions = [name for name, _ in trained.named_parameters() if name.endswith("weight")]
+    assert stage == "real" and convolutions
+    for name in convolutions:
+        assert torch.equal(trained.get_parameter(name), shipped_weights.get_parameter(name)), name
+
+
+def test_train_refuses_a_budget_of_no_epochs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cad_node.cli import main
+
+    result = CliRunner().invoke(
+        main, ["train", "--data-dir", str(tmp_path), "--pretrain-epochs", "0", "--finetune-epochs", "0"]
+    )
+    assert result.exit_code == 2 and "nothing to train" in result.output
+    assert not any(tmp_path.iterdir())  # no shard built
