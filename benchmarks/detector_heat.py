@@ -38,7 +38,8 @@ def main() -> None:
         outside = ndimage.distance_transform_edt(lungs == 0)
         for nodule in case.nodules:
             kji = work.patient_to_index(nodule.centre_mm)
-            local = (kji - np.array([s.start for s in box])) / HEATMAP_STRIDE
+            # heatmap voxel i is centred on 1 mm index 2i + 0.5, as in pipeline.candidate_points
+            local = (kji - np.array([s.start for s in box]) - 0.5) / HEATMAP_STRIDE
             radius = max(nodule.mean_diameter_mm / 2, 2.0) / HEATMAP_STRIDE
             low = np.maximum(np.floor(local - radius).astype(int), 0)
             high = np.minimum(np.ceil(local + radius).astype(int) + 1, heat.shape)

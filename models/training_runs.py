@@ -346,6 +346,7 @@ def train_all(
         raise ValueError(f"unknown networks {unknown}; choose from {sorted(RECIPES)}")
     # The classifier mines the shipped detector's candidates: a detector trained in this run goes first.
     networks = [name for name in RECIPES if name in networks]
+    weights = weights_dir or WEIGHTS_DIR
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, progress=progress)
     validation = load_shards(build_shards("validation", shard_dir, progress=progress))
@@ -368,9 +369,7 @@ def train_all(
         entry: dict[str, Any] = {}
         sets = {"synthetic": synthetic, "real": real, "validation": validation}
         if recipe.mined_candidates:
-            (mined_train, mined_validation), entry["mined"] = _mined(
-                weights_dir or WEIGHTS_DIR, shard_dir, progress
-            )
+            (mined_train, mined_validation), entry["mined"] = _mined(weights, shard_dir, progress)
             sets = {
                 "synthetic": Shard.concatenate([synthetic, mined_train]),
                 "real": Shard.concatenate([real, mined_train]),
@@ -393,9 +392,7 @@ def train_all(
         ]
         start = None
         if from_shipped:
-            start, entry["continued_from"] = shipped_start(
-                recipe, weights_dir or WEIGHTS_DIR, sets["validation"]
-            )
+            start, entry["continued_from"] = shipped_start(recipe, weights, sets["validation"])
             progress(f"{name}: going on from the shipped network ({entry['continued_from']})")
         progress(f"{name}: " + ", then ".join(f"{s.epochs} epochs on {s.name}" for s in stages))
         runs = train_network(
@@ -428,7 +425,8 @@ def train_all(
             )
         )
         if compare_scratch:
-            entry["pretraining_helps"] = max(r.best_metric for _, r in runs[:continued]) > entry["real-only"]
+            best_continued = max(entry[stage] for stage, _ in runs[:continued])
+            entry["pretraining_helps"] = best_continued > entry["real-only"]
         # Every stage's best checkpoint competes on the validation metric: fine-tuning on insertions
         # alone can lower it (measured for the detector, whose validation set is 2/3 synthetic cases).
         best_stage, chosen = max(runs, key=lambda run: run[1].best_metric)
@@ -439,7 +437,7 @@ def train_all(
         elif ship_weights:
             shipped = ship(
                 chosen.best_path,
-                weights_dir or WEIGHTS_DIR,
+                weights,
                 name,
                 {
                     "version": MODEL_VERSION,
