@@ -250,7 +250,7 @@ def train(
     help="Write the chosen thresholds into the shipped detector's metadata.",
 )
 def calibrate(device: str | None, detector_thresholds: str | None, ship: bool) -> None:
-    """Choose the operating point (detector and classifier thresholds) on the validation cases."""
+    """Choose the operating point (detector and probability thresholds) on the validation cases."""
     from models import calibration
     from models.pipeline import WEIGHTS_DIR, Pipeline
 
@@ -300,7 +300,7 @@ def evaluate(
     output = evaluate_pipeline(pipeline, out_dir, max_cases=max_cases, progress=_echo_progress(started))
     click.echo(
         f"model {pipeline.version}, detector threshold {pipeline.thresholds.detector}, "
-        f"operating point p >= {pipeline.thresholds.classifier}"
+        f"operating point p >= {pipeline.thresholds.probability}"
     )
     click.echo(output.held_out.format_table())
     click.echo("At the operating point, by background (insertions: into the LIDC scans training also saw)")

@@ -1,7 +1,7 @@
 """`cad-node calibrate`: the shipped operating point, chosen on the validation cases.
 
 Two thresholds make the operating point: the detector's, on its heatmap (which candidates go on to
-the classifier), and the classifier's, on the nodule probability (which findings are reported). Both
+the classifier), and the probability's, on `nodule_probability` (which findings are reported). Both
 are chosen here on the validation split, never on the held-out cases that `cad-node evaluate` scores:
 
 - the pipeline runs once on every validation case with the lowest detector threshold of the grid
@@ -9,11 +9,11 @@ are chosen here on the validation split, never on the held-out cases that `cad-n
 - each higher detector threshold is replayed by dropping the findings whose detector score is below
   it (its candidates are the first ones of the lower threshold's list, see `candidate_points`);
 - the detector threshold is the highest whose validation CPM is within `CPM_TOLERANCE` of the best
-  (fewer candidates: fewer look-alikes for the classifier to pass, less time), and the classifier
+  (fewer candidates: fewer look-alikes for the classifier to pass, less time), and the probability
   threshold the lowest (in steps of 0.01 from 0.5) that keeps the validation false positives at or
   under one per scan at that detector threshold.
 
-Why not the classifier threshold of best F1: the classifier is surer of the synthetic validation
+Why not the probability threshold of best F1: the classifier is surer of the synthetic validation
 nodules than of real ones. For model 0.2.0 the F1 optimum was p >= 0.98 (0.17 false positives per
 validation scan), which would have dropped the real LIDC-IDRI-0001 nodule (p = 0.87).
 
@@ -39,9 +39,9 @@ from models.pipeline import Pipeline, Thresholds
 
 DETECTOR_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 # A reader accepts about one false mark per scan from a CAD system; more sensitivity than that costs
-# reading time. Below 0.5 a "nodule" would be more likely not one, so the grid starts there.
+# reading time. Below 0.5 the two networks together lean to "not a nodule", so the grid starts there.
 TARGET_FP_PER_SCAN = 1.0
-CLASSIFIER_GRID = np.round(np.arange(0.5, 1.0, 0.01), 2)
+PROBABILITY_GRID = np.round(np.arange(0.5, 1.0, 0.01), 2)
 # CPMs closer than this are not told apart by 72 validation nodules (one nodule is 0.014 of
 # sensitivity); among them the highest detector threshold wins: fewer look-alikes reach the classifier.
 CPM_TOLERANCE = 0.02
@@ -56,10 +56,10 @@ class ValidationScan:
 
 @dataclass(frozen=True)
 class GridPoint:
-    """What one detector threshold gives on the validation split, at its classifier threshold."""
+    """What one detector threshold gives on the validation split, at its probability threshold."""
 
     detector: float
-    classifier: float
+    probability: float
     cpm: float
     sensitivity_2fp_6mm: float
     precision: float
@@ -77,7 +77,7 @@ class Calibration:
 
     @property
     def thresholds(self) -> Thresholds:
-        return Thresholds(detector=self.chosen.detector, classifier=self.chosen.classifier)
+        return Thresholds(detector=self.chosen.detector, probability=self.chosen.probability)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,12 +91,12 @@ class Calibration:
     def format_table(self) -> str:
         lines = [
             f"validation: {self.scans} scans, {self.targets} nodules",
-            "detector  classifier  CPM    sens@2FP >=6mm  precision  recall  F1     FP/scan",
+            "detector  probability CPM    sens@2FP >=6mm  precision  recall  F1     FP/scan",
         ]
         for c in self.grid:
             mark = "  <- chosen" if c == self.chosen else ""
             lines.append(
-                f"{c.detector:<9.2f} {c.classifier:<11.2f} {c.cpm:<6.3f} {c.sensitivity_2fp_6mm:<15.3f} "
+                f"{c.detector:<9.2f} {c.probability:<11.2f} {c.cpm:<6.3f} {c.sensitivity_2fp_6mm:<15.3f} "
                 f"{c.precision:<10.3f} {c.recall:<7.3f} {c.f1:<6.3f} {c.fp_per_scan:.2f}{mark}"
             )
         return "\n".join(lines)
@@ -112,17 +112,17 @@ def validation_scans(
     ]
 
 
-def classifier_threshold(fp_scores: np.ndarray, n_scans: int) -> float:
-    """The lowest threshold of `CLASSIFIER_GRID` whose false positives stay within
+def probability_threshold(fp_scores: np.ndarray, n_scans: int) -> float:
+    """The lowest threshold of `PROBABILITY_GRID` whose false positives stay within
     `TARGET_FP_PER_SCAN`; the highest of the grid when none does."""
-    for threshold in CLASSIFIER_GRID:
+    for threshold in PROBABILITY_GRID:
         if np.count_nonzero(fp_scores >= threshold) / n_scans <= TARGET_FP_PER_SCAN:
             return float(threshold)
-    return float(CLASSIFIER_GRID[-1])
+    return float(PROBABILITY_GRID[-1])
 
 
 def replay(scans: Sequence[ValidationScan], detector: float) -> GridPoint:
-    """The validation figures with the detector threshold at `detector` and the classifier threshold
+    """The validation figures with the detector threshold at `detector` and the probability threshold
     chosen for it."""
     kept = [
         (s.truth, [f for f, d in zip(s.findings, s.detector_scores, strict=True) if d >= detector])
@@ -130,14 +130,14 @@ def replay(scans: Sequence[ValidationScan], detector: float) -> GridPoint:
     ]
     matches = [match_scan(truth, detections) for truth, detections in kept]
     fp_scores = np.concatenate([m.false_positive_scores() for m in matches])
-    classifier = classifier_threshold(fp_scores, len(matches))
-    report = build_report(matches, threshold=classifier)
+    probability = probability_threshold(fp_scores, len(matches))
+    report = build_report(matches, threshold=probability)
     overall = report.group("all")
     point = overall.operating_point
     large = [g for g in report.groups if g.name == ">= 6 mm"]
     return GridPoint(
         detector=detector,
-        classifier=classifier,
+        probability=probability,
         cpm=round(overall.froc.cpm, 4),
         sensitivity_2fp_6mm=round(large[0].froc.curve.sensitivity_at(2.0), 4) if large else math.nan,
         precision=round(point.precision, 4),

@@ -140,7 +140,7 @@ def evaluate_pipeline(
             overlays.append(
                 _overlay(case.volume, truth, analysis, out_dir / f"overlay-{source.name}.png", pipeline)
             )
-    report = evaluate(scans, threshold=pipeline.thresholds.classifier if threshold is None else threshold)
+    report = evaluate(scans, threshold=pipeline.thresholds.probability if threshold is None else threshold)
     by_background = figures_by_background(report.matches, kinds, report.threshold)
     files = [out_dir / "froc.png", out_dir / "report.json", *overlays]
     plot_froc(report, files[0], groups=["all", ">= 6 mm"])
@@ -187,7 +187,7 @@ def _overlay(
     match = match or match_scan(truth, analysis.findings)
     items = []
     for target, result in zip(truth.targets, match.targets, strict=True):
-        found = result.found_at(pipeline.thresholds.classifier)
+        found = result.found_at(pipeline.thresholds.probability)
         items.append(
             PreviewItem(
                 label=f"target {target.label} {target.nodule_type} {target.mean_diameter_mm:.1f} mm: "
@@ -197,7 +197,7 @@ def _overlay(
                 colour="lime" if found else "red",
             )
         )
-    operating = pipeline.thresholds.classifier
+    operating = pipeline.thresholds.probability
     for finding, outcome in zip(analysis.findings, match.outcomes, strict=True):
         if outcome.outcome is Outcome.FALSE_POSITIVE and finding.probability >= operating:
             k = finding.axial_slice_index

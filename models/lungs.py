@@ -14,6 +14,11 @@ from models.volume import Volume
 
 AIR_THRESHOLD_HU = -400.0
 MIN_LUNG_VOLUME_ML = 50.0
+# A dense nodule on the pleura is a dent in the air mask: closing the mask with a ball of this radius
+# takes in nodules up to 30 mm across (Lung-RADS' largest size class).
+SEARCH_CLOSING_MM = 15.0
+# Beyond the closed mask, as far as the stride-2 heatmap's cells reach.
+SEARCH_MARGIN_MM = 4.0
 
 
 class LungSegmentationError(ValueError):
@@ -43,6 +48,23 @@ def segment_lungs(volume: Volume) -> npt.NDArray[np.uint8]:
         sides[filled & (sides == 0)] = side
     full = np.repeat(np.repeat(sides, 2, axis=1), 2, axis=2)
     return np.ascontiguousarray(full[:, : volume.shape[1], : volume.shape[2]])
+
+
+def search_region(lungs: npt.NDArray[np.generic], spacing_mm: float) -> npt.NDArray[np.bool_]:
+    """Where a nodule may be, on an isotropic grid of `spacing_mm`: the lungs closed by a ball of
+    `SEARCH_CLOSING_MM` (juxtapleural nodules, which the air mask leaves out) and widened by
+    `SEARCH_MARGIN_MM`. Computed with distance transforms, whose cost does not grow with the radius."""
+    inside = np.asarray(lungs) > 0
+    if not inside.any():
+        return inside
+    sampling = (spacing_mm,) * 3
+    # Padded, so that the array's edge erodes the dilated mask as open space would.
+    pad = int(np.ceil(SEARCH_CLOSING_MM / spacing_mm)) + 1
+    padded = np.pad(inside, pad)
+    dilated = ndimage.distance_transform_edt(~padded, sampling=sampling) <= SEARCH_CLOSING_MM
+    closed = ndimage.distance_transform_edt(dilated, sampling=sampling) > SEARCH_CLOSING_MM
+    closed = closed[tuple(slice(pad, pad + n) for n in inside.shape)] | inside
+    return ndimage.distance_transform_edt(~closed, sampling=sampling) <= SEARCH_MARGIN_MM
 
 
 def _air_inside_body(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:

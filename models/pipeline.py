@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from models.characterisation import location
 from models.findings import Finding, measure_finding
-from models.lungs import segment_lungs
+from models.lungs import search_region, segment_lungs
 from models.measurements import BoxMask
 from models.networks import (
     CandidateDetector,
@@ -46,8 +46,8 @@ CANDIDATE_SEPARATION_MM = 5.0
 
 @dataclass(frozen=True)
 class Thresholds:
-    detector: float = 0.2
-    classifier: float = 0.5
+    detector: float = 0.2  # on the detector's heatmap: which candidates go on to the classifier
+    probability: float = 0.5  # on `nodule_probability`: which findings are reported
 
 
 @dataclass
@@ -97,9 +97,9 @@ def analyze(
     min_probability: float | None = None,
     progress: Callable[[str], None] = lambda m: None,
 ) -> Analysis:
-    """The findings whose classifier probability reaches `min_probability` (default: the shipped
+    """The findings whose probability reaches `min_probability` (default: the shipped
     operating point; the evaluation asks for lower ones too, to trace the whole FROC curve)."""
-    floor = pipeline.thresholds.classifier if min_probability is None else min_probability
+    floor = pipeline.thresholds.probability if min_probability is None else min_probability
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -117,7 +117,8 @@ def analyze(
     candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
-    accepted = [(c, s) for c, s in zip(candidates, scores, strict=True) if s >= floor]
+    probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
+    accepted = [(c, p) for c, p in zip(candidates, probabilities, strict=True) if p >= floor]
     step("false-positive reduction")
     found = []
     for candidate, probability in accepted:
@@ -153,25 +154,30 @@ def candidate_points(
     lungs: npt.NDArray[np.uint8],
     threshold: float,
 ) -> list[Candidate]:
-    """Local maxima of the heatmap above the detector threshold, in the (slightly widened) lungs, the
-    most probable first. The candidates of a higher threshold are the first ones of this list."""
-    peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold)
+    """Local maxima of the heatmap above the detector threshold, in the lungs' search region (see
+    `search_region`), the most probable first. The candidates of a higher threshold are the first
+    ones of this list."""
+    # The heatmap's cell i covers 1 mm voxels 2i and 2i + 1: the region on every second voxel has its shape.
+    region = search_region(lungs[box][::2, ::2, ::2], 2 * DETECTION_SPACING_MM)
+    peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
     indices = np.argwhere(peaks)
     order = np.argsort(heatmap[tuple(indices.T)])[::-1]
     offset = np.array([s.start for s in box], dtype=np.float64)
-    near_lung = ndimage.binary_dilation(lungs[box] > 0, iterations=4)
     points: list[Candidate] = []
     for index in indices[order]:
-        kji = index * 2 + 0.5
-        inside = np.clip(np.rint(kji).astype(int), 0, np.asarray(near_lung.shape) - 1)
-        if not near_lung[tuple(inside)]:
-            continue
-        point = kji + offset
+        point = index * 2 + 0.5 + offset
         if all(np.linalg.norm(point - p.kji) >= CANDIDATE_SEPARATION_MM for p in points):
             points.append(Candidate(point, float(heatmap[tuple(index)])))
         if len(points) >= MAX_CANDIDATES:
             break
     return points
+
+
+def nodule_probability(detector: float, classifier: float) -> float:
+    """What a finding reports: the geometric mean of the two networks' probabilities. The detector
+    judges a point from about 75 mm around it, the classifier from a 32 mm cube: a look-alike
+    convinces one of them more often than both (see docs/pipeline.md for the validation figures)."""
+    return float(np.sqrt(detector * classifier))
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
 """Choosing the operating point on the validation cases: the detector threshold replayed from one run,
-the classifier threshold held to one false positive per scan, and the pair written where
+the probability threshold held to one false positive per scan, and the pair written where
 `Pipeline.load` reads it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from models.calibration import (
     Calibration,
     ValidationScan,
     choose,
-    classifier_threshold,
+    probability_threshold,
     replay,
     ship_thresholds,
 )
@@ -27,12 +27,12 @@ from models.networks import (
 from models.pipeline import Pipeline, Thresholds
 
 
-def test_classifier_threshold_keeps_one_false_positive_per_scan_at_most() -> None:
+def test_probability_threshold_keeps_one_false_positive_per_scan_at_most() -> None:
     # two scans: three false positives, at 0.9, 0.7 and 0.55: at 0.56 or more, one per scan
-    assert classifier_threshold(np.array([0.9, 0.7, 0.55]), n_scans=2) == 0.56
-    assert classifier_threshold(np.array([0.9, 0.7, 0.55]), n_scans=3) == 0.5  # never below 0.5
-    assert classifier_threshold(np.array([0.999, 0.999]), n_scans=1) == 0.99  # none does: the highest
-    assert classifier_threshold(np.zeros(0), n_scans=1) == 0.5
+    assert probability_threshold(np.array([0.9, 0.7, 0.55]), n_scans=2) == 0.56
+    assert probability_threshold(np.array([0.9, 0.7, 0.55]), n_scans=3) == 0.5  # never below 0.5
+    assert probability_threshold(np.array([0.999, 0.999]), n_scans=1) == 0.99  # none does: the highest
+    assert probability_threshold(np.zeros(0), n_scans=1) == 0.5
 
 
 def _target(label: int, x: float) -> Target:
@@ -61,7 +61,7 @@ def _scans() -> list[ValidationScan]:
 def test_replay_drops_what_a_higher_detector_threshold_would_not_have_proposed() -> None:
     low, high = replay(_scans(), 0.05), replay(_scans(), 0.2)
     assert low.recall == 1.0 and high.recall == 0.5
-    assert low.classifier == high.classifier == 0.61
+    assert low.probability == high.probability == 0.61
     assert low.fp_per_scan == 1.0 and low.precision == pytest.approx(2 / 3, abs=1e-3)
     assert high.cpm < low.cpm
 
@@ -70,7 +70,7 @@ def test_choose_takes_the_higher_threshold_of_the_best_cpm() -> None:
     calibration = choose(_scans(), [0.2, 0.05, 0.1])
     assert [c.detector for c in calibration.grid] == [0.05, 0.1, 0.2]
     assert calibration.chosen.detector == 0.1  # same CPM as 0.05, fewer candidates
-    assert calibration.thresholds == Thresholds(detector=0.1, classifier=0.61)
+    assert calibration.thresholds == Thresholds(detector=0.1, probability=0.61)
     assert (calibration.scans, calibration.targets) == (2, 4)
     assert "<- chosen" in calibration.format_table()
 
@@ -92,7 +92,7 @@ def test_shipped_thresholds_are_what_the_pipeline_loads(tmp_path) -> None:
     calibration: Calibration = choose(_scans(), [0.05, 0.1, 0.2])
     ship_thresholds(calibration, tmp_path)
     pipeline = Pipeline.load(tmp_path, device="cpu")
-    assert pipeline.thresholds == Thresholds(detector=0.1, classifier=0.61)
+    assert pipeline.thresholds == Thresholds(detector=0.1, probability=0.61)
     assert pipeline.version == "test"
     before = torch.load(tmp_path / "detector.pt", weights_only=True)["metadata"]["calibration"]
     assert before["chosen"]["detector"] == pytest.approx(0.1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, SegmenterConfig
-from models.pipeline import Pipeline, Thresholds, analyze, candidate_points, segment
+from models.pipeline import Pipeline, Thresholds, analyze, candidate_points, nodule_probability, segment
 from models.synthetic.cases import synthesize_case
 from models.training_data import Shard
 from models.training_runs import PatchSet, _stride2_peaks, average_precision, mean_dice, roc_auc
@@ -34,7 +34,7 @@ def untrained(thresholds: Thresholds) -> Pipeline:
 
 
 def test_analyze_runs_every_stage(case) -> None:
-    analysis = analyze(case.volume, untrained(Thresholds(detector=0.0, classifier=0.0)))
+    analysis = analyze(case.volume, untrained(Thresholds(detector=0.0, probability=0.0)))
     assert set(analysis.seconds) == {
         "preprocessing",
         "candidate detection",
@@ -59,16 +59,31 @@ def test_analyze_runs_every_stage(case) -> None:
 
 
 def test_nothing_passes_an_impossible_threshold(case) -> None:
-    assert analyze(case.volume, untrained(Thresholds(detector=1.01, classifier=0.5))).findings == []
+    assert analyze(case.volume, untrained(Thresholds(detector=1.01, probability=0.5))).findings == []
 
 
 def test_min_probability_keeps_the_findings_below_the_operating_point(case) -> None:
     """The evaluation asks for every finding above a low floor (to trace the FROC past the operating
     point); the node gets only those at the operating point."""
-    pipeline = untrained(Thresholds(detector=0.0, classifier=1.0))
+    pipeline = untrained(Thresholds(detector=0.0, probability=1.0))
     assert analyze(case.volume, pipeline).findings == []
     floor = analyze(case.volume, pipeline, min_probability=0.0)
     assert floor.findings and all(0.0 <= f.probability < 1.0 for f in floor.findings)
+
+
+def test_a_finding_reports_both_networks_probabilities(case) -> None:
+    """A classifier sure of every candidate leaves each finding the square root of its detector score;
+    its
+    probability then follows the detector alone."""
+    pipeline = untrained(Thresholds(detector=0.0, probability=0.0))
+    with torch.no_grad():
+        pipeline.classifier.classifier[-1].weight.zero_()
+        pipeline.classifier.classifier[-1].bias.fill_(20.0)
+    analysis = analyze(case.volume, pipeline)
+    assert analysis.findings
+    probabilities = [f.probability for f in analysis.findings]
+    assert probabilities == pytest.approx(np.sqrt(analysis.detector_scores), abs=1e-6)
+    assert nodule_probability(0.25, 1.0) == pytest.approx(0.5)
 
 
 def test_candidate_points_are_peaks_in_the_lungs() -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.characterisation import characterise, location
+from models.lungs import search_region
 from models.measurements import BoxMask
 from models.preprocessing import lung_box, normalise, resample, resample_onto
 from models.training_data import crop, heatmap_sigma_mm, patch_grid, segmentation_sample
@@ -105,3 +106,18 @@ def test_location_side_and_zone() -> None:
     lungs[:, 5:15, 12:18] = 2
     assert location((-50.0, 0.0, -280.0), lungs, volume) == ("right", "lower")
     assert location((60.0, 0.0, -20.0), lungs, volume) == ("left", "upper")
+
+
+def test_search_region_takes_in_a_nodule_on_the_pleura() -> None:
+    """A 20 mm dense nodule on the lung's outer surface is a dent in the air mask, its centre 10 mm
+    from the nearest lung voxel: the search region takes it in, and nothing 20 mm outside the lung."""
+    grid = np.stack(np.meshgrid(*[np.arange(60)] * 3, indexing="ij"), axis=-1).astype(np.float64)
+    lung = np.linalg.norm(grid - 30, axis=-1) <= 20  # 2 mm voxels: an 80 mm lung
+    nodule_centre = np.array([30.0, 30.0, 48.0])  # on the surface, at x = 96 mm
+    lung &= np.linalg.norm(grid - nodule_centre, axis=-1) > 5
+    region = search_region(lung.astype(np.uint8), 2.0)
+    assert region[30, 30, 45] and region[30, 30, 48]  # inside the dent, and the nodule's centre
+    # 12 mm past the surface, and at the array's edge 16 mm past it: outside
+    assert not region[30, 30, 56] and not region[30, 30, 59] and not region[2, 2, 2]
+    assert region[lung].all()
+    assert not search_region(np.zeros((8, 8, 8), np.uint8), 2.0).any()
