@@ -72,9 +72,8 @@ def test_min_probability_keeps_the_findings_below_the_operating_point(case) -> N
 
 
 def test_a_finding_reports_both_networks_probabilities(case) -> None:
-    """A classifier sure of every candidate leaves each finding the square root of its detector score;
-    its
-    probability then follows the detector alone."""
+    """A classifier sure of every candidate (p = 1) leaves each finding the square root of its
+    detector score as its probability."""
     pipeline = untrained(Thresholds(detector=0.0, probability=0.0))
     with torch.no_grad():
         pipeline.classifier.classifier[-1].weight.zero_()
