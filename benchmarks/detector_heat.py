@@ -1,6 +1,6 @@
 """Diagnostic: where the shipped detector misses. For each nodule of a split's cases, the detector's
 highest heat within the nodule's radius, how far its centre lies outside the lung mask and whether
-the candidates' search region (`models.lungs.search_region`) holds it; then the nodules under the
+the candidates' search region (`models.pipeline.candidate_region`) holds it; then the nodules under the
 threshold, counted by type and location, and those over it that the search region leaves out.
 
     .venv/bin/python benchmarks/detector_heat.py [--split validation] [--threshold 0.3]
@@ -15,8 +15,8 @@ import numpy as np
 from scipy import ndimage
 
 from models.datasets import SPLITS, Backgrounds, make_case, split_sources
-from models.lungs import search_region, segment_lungs
-from models.pipeline import Pipeline, detect
+from models.lungs import segment_lungs
+from models.pipeline import Pipeline, candidate_region, detect
 from models.preprocessing import DETECTION_SPACING_MM, resample
 
 HEATMAP_STRIDE = 2
@@ -37,8 +37,7 @@ def main() -> None:
         lungs = segment_lungs(work)
         heat, box = detect(work, lungs, pipeline.detector)
         outside = ndimage.distance_transform_edt(lungs == 0)
-        every_second = lungs[box][::HEATMAP_STRIDE, ::HEATMAP_STRIDE, ::HEATMAP_STRIDE]
-        region = search_region(every_second, HEATMAP_STRIDE * DETECTION_SPACING_MM)
+        region = candidate_region(lungs, box)
         for nodule in case.nodules:
             kji = work.patient_to_index(nodule.centre_mm)
             # heatmap voxel i is centred on 1 mm index 2i + 0.5, as in pipeline.candidate_points

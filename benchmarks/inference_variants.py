@@ -26,9 +26,8 @@ from models.evaluation import ScanMatch, ScanTruth, build_report, match_scan
 from models.evaluation_runs import FROC_MIN_PROBABILITY, truth_of
 from models.lungs import segment_lungs
 from models.networks import predict_heatmap
-from models.pipeline import Pipeline, candidate_points, nodule_probability
+from models.pipeline import Pipeline, candidate_points, classifier_cubes, nodule_probability
 from models.preprocessing import DETECTION_SPACING_MM, lung_box, normalise, resample
-from models.training_data import CLASSIFIER_PATCH, crop
 
 DETECTOR_FLIPS: list[tuple[int, ...]] = [(), (0,), (1,), (2,)]
 CLASSIFIER_FLIPS = [f for r in range(4) for f in itertools.combinations((0, 1, 2), r)]
@@ -58,7 +57,7 @@ def classifier_passes(pipeline: Pipeline, hu: np.ndarray, points: list[np.ndarra
     """(candidates, flips): the classifier's probability of each candidate's cube under each flip."""
     if not points:
         return np.zeros((0, len(CLASSIFIER_FLIPS)))
-    cubes = np.stack([normalise(crop(hu, p, CLASSIFIER_PATCH, -1024.0)) for p in points])[:, None]
+    cubes = classifier_cubes(hu, points)
     return np.stack(
         [
             torch.sigmoid(pipeline.classifier(torch.from_numpy(np.flip(cubes, [a + 2 for a in f]).copy())))

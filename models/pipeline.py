@@ -155,10 +155,9 @@ def candidate_points(
     threshold: float,
 ) -> list[Candidate]:
     """Local maxima of the heatmap above the detector threshold, in the lungs' search region (see
-    `search_region`), the most probable first. The candidates of a higher threshold are the first
+    `candidate_region`), the most probable first. The candidates of a higher threshold are the first
     ones of this list."""
-    # The heatmap's cell i covers 1 mm voxels 2i and 2i + 1: the region on every second voxel has its shape.
-    region = search_region(lungs[box][::2, ::2, ::2], 2 * DETECTION_SPACING_MM)
+    region = candidate_region(lungs, box)
     peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
     indices = np.argwhere(peaks)
     order = np.argsort(heatmap[tuple(indices.T)])[::-1]
@@ -173,6 +172,12 @@ def candidate_points(
     return points
 
 
+def candidate_region(lungs: npt.NDArray[np.uint8], box: tuple[slice, slice, slice]) -> npt.NDArray[np.bool_]:
+    """`search_region` on the cells of the heatmap of `box`: cell i covers 1 mm voxels 2i and 2i + 1,
+    so the region on every second voxel has the heatmap's shape."""
+    return search_region(lungs[box][::2, ::2, ::2], 2 * DETECTION_SPACING_MM)
+
+
 def nodule_probability(detector: float, classifier: float) -> float:
     """What a finding reports: the geometric mean of the two networks' probabilities. The detector
     judges a point from about 75 mm around it, the classifier from a 32 mm cube: a look-alike
@@ -184,9 +189,15 @@ def nodule_probability(detector: float, classifier: float) -> float:
 def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: Pipeline) -> list[float]:
     if not candidates:
         return []
-    patches = np.stack([normalise(crop(work.hu, c, CLASSIFIER_PATCH, -1024.0)) for c in candidates])
-    tensor = torch.from_numpy(patches[:, None]).to(pipeline.device)
+    tensor = torch.from_numpy(classifier_cubes(work.hu, candidates)).to(pipeline.device)
     return torch.sigmoid(pipeline.classifier(tensor)).reshape(-1).float().cpu().tolist()
+
+
+def classifier_cubes(
+    hu: npt.NDArray[np.float32], points: list[npt.NDArray[np.float64]]
+) -> npt.NDArray[np.float32]:
+    """(N, 1, 32, 32, 32): the classifier's normalised input, a cube of the 1 mm grid around each point."""
+    return np.stack([normalise(crop(hu, p, CLASSIFIER_PATCH, -1024.0)) for p in points])[:, None]
 
 
 @torch.inference_mode()
