@@ -432,7 +432,7 @@ def train_all(
         best_stage, chosen = max(runs, key=lambda run: run[1].best_metric)
         entry["best_stage"] = best_stage
         entry["best_metric"] = round(chosen.best_metric, 4)
-        if from_shipped and chosen.best_metric <= entry["continued_from"]["validation_metric"]:
+        if from_shipped and entry["best_metric"] <= entry["continued_from"]["validation_metric"]:
             progress(f"{name}: no stage beat the shipped network on validation; it stays shipped")
         elif ship_weights:
             shipped = ship(
