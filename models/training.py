@@ -263,11 +263,14 @@ def train(
     metric_fn: MetricFn,
     config: TrainConfig,
     out_dir: str | Path,
+    model_metric: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and return where its best epoch, checkpoints and logs are.
 
     ``loss_fn(outputs, targets)`` is minimised; ``metric_fn(outputs, targets)`` gets all validation
     outputs (raw logits, float32, on the CPU) and targets concatenated, and returns higher-is-better.
+    ``model_metric(model)``, when given, judges the whole model after each epoch (e.g. on whole
+    scans) and is the validation metric instead; the patch metric is logged as ``patch_metric``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,11 +304,16 @@ def train(
         with _epoch_bar(config, train_loader, epoch) as bar:
             train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, device, config, bar)
         val_loss, val_metric = _validate(model, val_loader, loss_fn, metric_fn, device, config)
+        patch_metric = {}
+        if model_metric is not None:
+            patch_metric = {"patch_metric": val_metric}
+            val_metric = model_metric(model)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": val_loss,
             "val_metric": val_metric,
+            **patch_metric,
             "lr": lr,
             "seconds": round(time.perf_counter() - start, 3),
         }

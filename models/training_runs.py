@@ -45,7 +45,7 @@ from models.preprocessing import normalise
 from models.training import TrainConfig, TrainResult, plot_stages, train, validation_metric
 from models.training_data import Shard
 
-MODEL_VERSION = "0.5.0"
+MODEL_VERSION = "0.6.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):
@@ -154,6 +154,9 @@ class NetworkRecipe:
     # Trains on the shipped detector's candidates too, mined from the synthetic cases
     # (`models.hard_negatives`), in both stages and in validation (not in the from-scratch comparison).
     mined_candidates: bool = False
+    # Its epochs are chosen by its candidates' CPM on the whole validation scans
+    # (`models.detector_validation`) rather than by `metric`, which is logged beside it.
+    scan_metric: bool = False
 
 
 RECIPES = {
@@ -162,11 +165,12 @@ RECIPES = {
         CandidateDetector,
         heatmap_loss,
         lambda o, t: average_precision(torch.sigmoid(o), t),
-        "average precision of centre voxels",
+        "candidates' CPM on the validation scans",
         "detection_images",
         "detection_heatmaps",
         "detector",
         finetune_with_synthetic=True,
+        scan_metric=True,
     ),
     "classifier": NetworkRecipe(
         "classifier",
@@ -233,9 +237,11 @@ def train_network(
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
     start: nn.Module | None = None,
+    model_metric: Callable[[nn.Module], float] | None = None,
 ) -> list[tuple[str, TrainResult]]:
     """Train through `stages` in order (e.g. synthetic then insertions), from `start` (else from
-    scratch), each stage from the best weights of the one before; returns each stage's result."""
+    scratch), each stage from the best weights of the one before; returns each stage's result.
+    `model_metric`: see `models.training.train`."""
     model = start if start is not None else recipe.make()
     results = []
     for index, stage in enumerate(stages):
@@ -256,6 +262,7 @@ def train_network(
             metric_fn=recipe.metric,
             config=config,
             out_dir=out_dir / f"{recipe.name}-{stage.name}",
+            model_metric=model_metric,
         )
         model, _ = load_model(result.best_path)
         results.append((stage.name, result))
@@ -263,14 +270,21 @@ def train_network(
 
 
 def shipped_start(
-    recipe: NetworkRecipe, weights_dir: Path, validation: Shard
+    recipe: NetworkRecipe,
+    weights_dir: Path,
+    validation: Shard,
+    model_metric: Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The shipped network to continue training from, with what it was and its metric on `validation`."""
+    """The shipped network to continue training from, with what it was and its validation metric
+    (`model_metric`'s when given, else the recipe's on `validation`)."""
     model, metadata = load_model(weights_dir / f"{recipe.name}.pt")
-    _, val_set = _sets(recipe, validation, validation, seed=0)
-    metric = validation_metric(
-        model, val_set, loss_fn=recipe.loss, metric_fn=recipe.metric, config=TrainConfig(batch_size=8)
-    )
+    if model_metric is not None:
+        metric = model_metric(model)
+    else:
+        _, val_set = _sets(recipe, validation, validation, seed=0)
+        metric = validation_metric(
+            model, val_set, loss_fn=recipe.loss, metric_fn=recipe.metric, config=TrainConfig(batch_size=8)
+        )
     continued = {
         "trained_in": metadata.get("trained_in", metadata.get("version")),
         "stage": metadata.get("stage"),
@@ -390,9 +404,14 @@ def train_all(
             for stage in (Stage("synthetic", sets["synthetic"], budget.pretrain_epochs, budget.lr), finetune)
             if stage.epochs > 0
         ]
+        judge = None
+        if recipe.scan_metric:
+            from models.detector_validation import candidate_judge
+
+            judge = candidate_judge("validation", progress)
         start = None
         if from_shipped:
-            start, entry["continued_from"] = shipped_start(recipe, weights, sets["validation"])
+            start, entry["continued_from"] = shipped_start(recipe, weights, sets["validation"], judge)
             progress(f"{name}: going on from the shipped network ({entry['continued_from']})")
         progress(f"{name}: " + ", then ".join(f"{s.epochs} epochs on {s.name}" for s in stages))
         runs = train_network(
@@ -403,6 +422,7 @@ def train_all(
             budget,
             metadata={"version": MODEL_VERSION, "data": data, **entry},
             start=start,
+            model_metric=judge,
         )
         continued = len(runs)
         if compare_scratch:
@@ -414,6 +434,7 @@ def train_all(
                 sets["validation"],
                 data_dir / "runs",
                 budget,
+                model_metric=judge,
             )
         entry.update({stage: round(result.best_metric, 4) for stage, result in runs})
         entry["curves"] = str(

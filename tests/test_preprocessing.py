@@ -121,3 +121,24 @@ def test_search_region_takes_in_a_nodule_on_the_pleura() -> None:
     assert not region[30, 30, 56] and not region[30, 30, 59] and not region[2, 2, 2]
     assert region[lung].all()
     assert not search_region(np.zeros((8, 8, 8), np.uint8), 2.0).any()
+
+
+def test_small_and_subsolid_nodules_get_more_detector_cubes_and_nothing_else_changes(monkeypatch) -> None:
+    from models import training_data
+    from models.synthetic.cases import synthesize_case
+
+    case = synthesize_case(22, 3, n_slices=100)
+    hard = sum(training_data.is_hard_nodule(n) for n in case.nodules)
+    assert hard > 0
+    shard = training_data.shard_from_case(case, np.random.default_rng(5))
+    extra_cubes = training_data.HARD_NODULE_EXTRA_CUBES
+    monkeypatch.setattr(training_data, "HARD_NODULE_EXTRA_CUBES", 0)
+    plain = training_data.shard_from_case(case, np.random.default_rng(5))
+
+    before = len(plain.detection_images)
+    assert len(shard.detection_images) == before + extra_cubes * hard
+    np.testing.assert_array_equal(shard.detection_images[:before], plain.detection_images)
+    for name in ("classifier_images", "classifier_labels", "segmentation_images", "segmentation_masks"):
+        np.testing.assert_array_equal(getattr(shard, name), getattr(plain, name))
+    extra = shard.detection_heatmaps[before:]
+    assert all(heat.max() >= 128 for heat in extra)  # each holds a nodule's peak

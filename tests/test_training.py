@@ -193,6 +193,26 @@ def test_early_stopping_when_the_metric_stops_improving(
     assert result.stopped_early and result.best_epoch == 1 and result.epochs_run == 3
 
 
+def test_a_model_metric_chooses_the_epoch_and_the_patch_metric_is_logged_beside_it(
+    toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    judged = iter([0.2, 0.7, 0.4])
+    result = train(
+        _toy_model(),
+        *toy_data,
+        loss_fn=bce_loss,
+        metric_fn=_accuracy,
+        config=_config(epochs=3),
+        out_dir=tmp_path,
+        model_metric=lambda model: next(judged),
+    )
+    assert result.best_epoch == 2 and result.best_metric == 0.7
+    assert [h["val_metric"] for h in result.history] == [0.2, 0.7, 0.4]
+    assert all(0.0 <= h["patch_metric"] <= 1.0 for h in result.history)
+    _, metadata = load_model(result.best_path)
+    assert metadata["epoch"] == 2 and metadata["val_metric"] == 0.7
+
+
 def test_resume_goes_on_as_if_never_interrupted(
     toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path
 ) -> None:

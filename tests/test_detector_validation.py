@@ -1,0 +1,43 @@
+"""The detector's epoch metric: its candidates on whole scans, matched to the nodules, with the shipped
+detector on a synthetic case."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from models.detector_validation import ValidationCase, candidate_cpm
+from models.evaluation_runs import truth_of
+from models.lungs import segment_lungs
+from models.networks import load_model
+from models.pipeline import WEIGHTS_DIR
+from models.preprocessing import DETECTION_SPACING_MM, resample
+from models.synthetic.cases import synthesize_case
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def scan() -> ValidationCase:
+    case = synthesize_case(22, 3, n_slices=100)
+    work = resample(case.volume, DETECTION_SPACING_MM)
+    return ValidationCase(truth_of(case, "synthetic-22"), work, segment_lungs(work))
+
+
+def test_the_shipped_detector_finds_nodules_there_and_not_40_mm_away(scan: ValidationCase) -> None:
+    detector, _ = load_model(WEIGHTS_DIR / "detector.pt")
+    assert candidate_cpm(detector, [scan]) >= 0.6
+    moved = [
+        dataclasses.replace(t, centre_mm=tuple(np.add(t.centre_mm, (40.0, 0.0, 0.0))))
+        for t in scan.truth.targets
+    ]
+    elsewhere = dataclasses.replace(scan, truth=dataclasses.replace(scan.truth, targets=moved))
+    assert candidate_cpm(detector, [elsewhere]) == 0.0
+
+
+def test_only_a_detector_is_judged(scan: ValidationCase) -> None:
+    classifier, _ = load_model(WEIGHTS_DIR / "classifier.pt")
+    with pytest.raises(TypeError, match="CandidateDetector"):
+        candidate_cpm(classifier, [scan])
