@@ -15,29 +15,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from models.datasets import SPLITS, Backgrounds, make_case, split_sources
-from models.evaluation import ScanMatch, ScanTruth, build_report, match_scan
+from models.evaluation import Detection, ScanMatch, ScanTruth, build_report, match_scan
 from models.evaluation_runs import FROC_MIN_PROBABILITY, truth_of
 from models.lungs import segment_lungs
 from models.networks import predict_heatmap
-from models.pipeline import Pipeline, candidate_points, classifier_cubes, nodule_probability
+from models.pipeline import Pipeline, candidate_points, candidate_region, classifier_cubes, nodule_probability
 from models.preprocessing import DETECTION_SPACING_MM, lung_box, normalise, resample
 
 DETECTOR_FLIPS: list[tuple[int, ...]] = [(), (0,), (1,), (2,)]
 CLASSIFIER_FLIPS = [f for r in range(4) for f in itertools.combinations((0, 1, 2), r)]
 DETECTOR_THRESHOLDS = (0.1, 0.2, 0.3)
-
-
-@dataclass(frozen=True)
-class Detection:
-    centre_mm: tuple[float, float, float]
-    probability: float
 
 
 # One case under one detector variant: truth, candidate centres (mm), detector scores, classifier passes.
@@ -85,8 +78,9 @@ def main() -> None:
         box = lung_box(lungs, work.spacing)
         image = normalise(work.hu[box])
         heats = [flipped_heatmap(pipeline, image, axes) for axes in DETECTOR_FLIPS]
+        region = candidate_region(lungs, box)
         for name, heat in (("detector x1", heats[0]), ("detector x4", np.mean(heats, axis=0))):
-            candidates = candidate_points(heat, box, lungs, min(DETECTOR_THRESHOLDS))
+            candidates = candidate_points(heat, box, region, min(DETECTOR_THRESHOLDS))
             points = [c.kji for c in candidates]
             scans[name].append(
                 (

@@ -22,8 +22,8 @@ from models.evaluation import Detection, MatchRules, ScanTruth, build_report, ma
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.networks import CandidateDetector
-from models.pipeline import candidate_points, detect
-from models.preprocessing import DETECTION_SPACING_MM, resample
+from models.pipeline import candidate_points, candidate_region, detect
+from models.preprocessing import DETECTION_SPACING_MM, lung_box, resample
 from models.volume import Volume
 
 CANDIDATE_FLOOR = 0.01
@@ -35,9 +35,18 @@ CANDIDATE_RULES = MatchRules(min_hit_radius_mm=3.0)
 
 @dataclass(frozen=True)
 class ValidationCase:
+    """A scan as the detector sees it, with what stays the same from epoch to epoch worked out once."""
+
     truth: ScanTruth
     work: Volume  # on the detector's 1 mm grid
     lungs: npt.NDArray[np.uint8]
+    region: npt.NDArray[np.bool_]  # the candidates' search region on the heatmap's cells
+
+    @classmethod
+    def of(cls, truth: ScanTruth, volume: Volume) -> ValidationCase:
+        work = resample(volume, DETECTION_SPACING_MM)
+        lungs = segment_lungs(work)
+        return cls(truth, work, lungs, candidate_region(lungs, lung_box(lungs, work.spacing)))
 
 
 def validation_cases(
@@ -50,8 +59,7 @@ def validation_cases(
     for index, source in enumerate(sources, start=1):
         progress(f"{split} scans for the detector's metric {index}/{len(sources)}: {source.name}")
         case = make_case(source, backgrounds)
-        work = resample(case.volume, DETECTION_SPACING_MM)
-        cases.append(ValidationCase(truth_of(case, source.name), work, segment_lungs(work)))
+        cases.append(ValidationCase.of(truth_of(case, source.name), case.volume))
     return cases
 
 
@@ -64,7 +72,7 @@ def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
         heatmap, box = detect(case.work, case.lungs, detector)
         candidates = [
             Detection(tuple(case.work.index_to_patient(c.kji)), c.score)  # type: ignore[arg-type]
-            for c in candidate_points(heatmap, box, case.lungs, CANDIDATE_FLOOR)
+            for c in candidate_points(heatmap, box, case.region, CANDIDATE_FLOOR)
         ]
         matches.append(match_scan(case.truth, candidates, CANDIDATE_RULES))
     return float(build_report(matches, rules=CANDIDATE_RULES).group("all").froc.cpm)

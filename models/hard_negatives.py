@@ -24,7 +24,7 @@ from models.evaluation import LUNA16_RULES, ScanTruth, hit_radius_mm, ignore_rad
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.networks import CandidateDetector, load_model
-from models.pipeline import candidate_points, detect
+from models.pipeline import candidate_points, candidate_region, detect
 from models.preprocessing import DETECTION_SPACING_MM, resample
 from models.synthetic.cases import Case
 from models.training_data import CLASSIFIER_PATCH, Shard, crop
@@ -75,7 +75,7 @@ def labelled_candidates(
     work = resample(case.volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
     heatmap, box = detect(work, lungs, detector)
-    for candidate in candidate_points(heatmap, box, lungs, threshold):
+    for candidate in candidate_points(heatmap, box, candidate_region(lungs, box), threshold):
         label = candidate_label(work.index_to_patient(candidate.kji), truth)
         if label is not None:
             yield np.rint(crop(work.hu, candidate.kji, CLASSIFIER_PATCH, -1024.0)).astype(np.int16), label

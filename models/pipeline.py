@@ -114,7 +114,7 @@ def analyze(
     lungs = segment_lungs(work)
     step("preprocessing")
     heatmap, box = detect(work, lungs, pipeline.detector)
-    candidates = candidate_points(heatmap, box, lungs, pipeline.thresholds.detector)
+    candidates = candidate_points(heatmap, box, candidate_region(lungs, box), pipeline.thresholds.detector)
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
     probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
@@ -151,13 +151,12 @@ class Candidate(NamedTuple):
 def candidate_points(
     heatmap: npt.NDArray[np.float32],
     box: tuple[slice, slice, slice],
-    lungs: npt.NDArray[np.uint8],
+    region: npt.NDArray[np.bool_],
     threshold: float,
 ) -> list[Candidate]:
-    """Local maxima of the heatmap above the detector threshold, in the lungs' search region (see
-    `candidate_region`), the most probable first. The candidates of a higher threshold are the first
-    ones of this list."""
-    region = candidate_region(lungs, box)
+    """Local maxima of the heatmap above the detector threshold, in the lungs' search region (the
+    heatmap's cells that `candidate_region` keeps), the most probable first. The candidates of a
+    higher threshold are the first ones of this list."""
     peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
     indices = np.argwhere(peaks)
     order = np.argsort(heatmap[tuple(indices.T)])[::-1]

@@ -10,10 +10,8 @@ import pytest
 
 from models.detector_validation import ValidationCase, candidate_cpm
 from models.evaluation_runs import truth_of
-from models.lungs import segment_lungs
 from models.networks import load_model
 from models.pipeline import WEIGHTS_DIR
-from models.preprocessing import DETECTION_SPACING_MM, resample
 from models.synthetic.cases import synthesize_case
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,8 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def scan() -> ValidationCase:
     case = synthesize_case(22, 3, n_slices=100)
-    work = resample(case.volume, DETECTION_SPACING_MM)
-    return ValidationCase(truth_of(case, "synthetic-22"), work, segment_lungs(work))
+    return ValidationCase.of(truth_of(case, "synthetic-22"), case.volume)
 
 
 def test_the_shipped_detector_finds_nodules_there_and_not_40_mm_away(scan: ValidationCase) -> None:

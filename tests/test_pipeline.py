@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, SegmenterConfig
-from models.pipeline import Pipeline, Thresholds, analyze, candidate_points, nodule_probability, segment
+from models.pipeline import (
+    Pipeline,
+    Thresholds,
+    analyze,
+    candidate_points,
+    candidate_region,
+    nodule_probability,
+    segment,
+)
 from models.synthetic.cases import synthesize_case
 from models.training_data import Shard
 from models.training_runs import PatchSet, _stride2_peaks, average_precision, mean_dice, roc_auc
@@ -90,12 +98,12 @@ def test_candidate_points_are_peaks_in_the_lungs() -> None:
     heat[5, 5, 5], heat[5, 6, 5], heat[15, 15, 15] = 0.9, 0.8, 0.7
     lungs = np.ones((40, 40, 40), np.uint8)
     box = (slice(0, 40), slice(0, 40), slice(0, 40))
-    points = candidate_points(heat, box, lungs, threshold=0.5)
+    points = candidate_points(heat, box, candidate_region(lungs, box), threshold=0.5)
     assert len(points) == 2  # the 0.8 beside the 0.9 is no peak
     np.testing.assert_allclose(points[0].kji, [10.5, 10.5, 10.5])
     assert [p.score for p in points] == pytest.approx([0.9, 0.7])
     lungs[:] = 0
-    assert candidate_points(heat, box, lungs, threshold=0.5) == []
+    assert candidate_points(heat, box, candidate_region(lungs, box), threshold=0.5) == []
 
 
 def test_segment_maps_the_patch_back_onto_the_series_grid(case) -> None:
