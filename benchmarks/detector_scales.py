@@ -1,0 +1,102 @@
+"""Experiment: the shipped detector run at other input spacings (a small nodule looks larger on a finer
+grid) and with a left-right flip, alone and merged with the 1 mm pass, judged as `cad-node train`
+judges a detector: its candidates' CPM on a split's whole scans (`models.detector_validation`), by
+nodule type and size, with the seconds each pass took.
+
+    .venv/bin/python benchmarks/detector_scales.py [--split validation] [--spacings 1.0,0.8,0.7] [--cases N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+import numpy.typing as npt
+from inference_variants import flipped_heatmap
+from scipy import ndimage
+
+from models.datasets import SPLITS, Backgrounds, make_case, split_sources
+from models.detector_validation import CANDIDATE_FLOOR, CANDIDATE_RULES
+from models.evaluation import Detection, ScanMatch, build_report, match_scan
+from models.evaluation_runs import truth_of
+from models.lungs import search_region, segment_lungs
+from models.networks import predict_heatmap
+from models.pipeline import CANDIDATE_SEPARATION_MM, MAX_CANDIDATES, Pipeline
+from models.preprocessing import lung_box, normalise, resample
+from models.volume import Volume
+
+# (score, centre in patient mm) of every heatmap peak down to the floor
+Peaks = list[tuple[float, npt.NDArray[np.float64]]]
+
+
+def peaks(pipeline: Pipeline, volume: Volume, spacing_mm: float, flip: bool = False) -> Peaks:
+    """The local maxima of the detector's heatmap on a `spacing_mm` grid, in the search region."""
+    work = resample(volume, spacing_mm)
+    lungs = segment_lungs(work)
+    box = lung_box(lungs, work.spacing)
+    image = normalise(work.hu[box])
+    heat = predict_heatmap(pipeline.detector, image)
+    if flip:
+        heat = (heat + flipped_heatmap(pipeline, image, (2,))) / 2
+    region = search_region(lungs[box][::2, ::2, ::2], 2 * spacing_mm)
+    found = (heat == ndimage.maximum_filter(heat, size=3)) & (heat >= CANDIDATE_FLOOR) & region
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    return [
+        (float(heat[tuple(i)]), np.asarray(work.index_to_patient(i * 2 + 0.5 + offset), dtype=np.float64))
+        for i in np.argwhere(found)
+    ]
+
+
+def merged(passes: list[Peaks]) -> list[Detection]:
+    """The passes' peaks, highest first, at least `CANDIDATE_SEPARATION_MM` apart (as the pipeline)."""
+    kept: Peaks = []
+    for score, point in sorted((p for one in passes for p in one), key=lambda p: -p[0]):
+        if all(np.linalg.norm(point - other) >= CANDIDATE_SEPARATION_MM for _, other in kept):
+            kept.append((score, point))
+        if len(kept) >= MAX_CANDIDATES:
+            break
+    return [Detection(tuple(point), score) for score, point in kept]  # type: ignore[arg-type]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", choices=sorted(SPLITS), default="validation")
+    parser.add_argument("--spacings", default="1.0,0.8,0.7", help="mm, comma-separated; first: the base")
+    parser.add_argument("--cases", type=int, default=0, help="only the first N cases (0: all)")
+    args = parser.parse_args()
+    spacings = [float(s) for s in args.spacings.split(",")]
+    pipeline = Pipeline.load()
+    backgrounds = Backgrounds()
+    sources = split_sources(args.split)[: args.cases or None]
+    matches: dict[str, list[ScanMatch]] = defaultdict(list)
+    seconds: dict[str, float] = defaultdict(float)
+    for index, source in enumerate(sources, start=1):
+        print(f"case {index}/{len(sources)}: {source.name}", flush=True)
+        case = make_case(source, backgrounds)
+        truth = truth_of(case, source.name)
+        runs: dict[str, Peaks] = {}
+        for name, spacing, flip in [(f"{s} mm", s, False) for s in spacings] + [
+            (f"{spacings[0]} mm + flip", spacings[0], True)
+        ]:
+            clock = time.perf_counter()
+            runs[name] = peaks(pipeline, case.volume, spacing, flip)
+            seconds[name] += time.perf_counter() - clock
+        base = f"{spacings[0]} mm"
+        variants = {name: [one] for name, one in runs.items()}
+        variants |= {f"{base} with {s} mm": [runs[base], runs[f"{s} mm"]] for s in spacings[1:]}
+        for name, passes in variants.items():
+            matches[name].append(match_scan(truth, merged(passes), CANDIDATE_RULES))
+    print(f"\n{args.split}: {len(sources)} scans; candidates' CPM (hit radius at least 3 mm)")
+    for name, found in matches.items():
+        report = build_report(found, rules=CANDIDATE_RULES)
+        print(f"{name:22s} " + "  ".join(f"{g.name} {g.froc.cpm:.3f}" for g in report.groups))
+    print(
+        "seconds a scan, resampling and lungs included: "
+        + ", ".join(f"{name} {spent / len(sources):.1f}" for name, spent in seconds.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
