@@ -15,15 +15,14 @@ from collections import defaultdict
 import numpy as np
 import numpy.typing as npt
 from inference_variants import flipped_heatmap
-from scipy import ndimage
 
 from models.datasets import SPLITS, Backgrounds, make_case, split_sources
 from models.detector_validation import CANDIDATE_FLOOR, CANDIDATE_RULES
 from models.evaluation import Detection, ScanMatch, build_report, match_scan
 from models.evaluation_runs import truth_of
-from models.lungs import search_region, segment_lungs
+from models.lungs import segment_lungs
 from models.networks import predict_heatmap
-from models.pipeline import CANDIDATE_SEPARATION_MM, MAX_CANDIDATES, Pipeline
+from models.pipeline import CANDIDATE_SEPARATION_MM, MAX_CANDIDATES, Pipeline, candidate_region, heatmap_peaks
 from models.preprocessing import lung_box, normalise, resample
 from models.volume import Volume
 
@@ -40,12 +39,10 @@ def peaks(pipeline: Pipeline, volume: Volume, spacing_mm: float, flip: bool = Fa
     heat = predict_heatmap(pipeline.detector, image)
     if flip:
         heat = (heat + flipped_heatmap(pipeline, image, (2,))) / 2
-    region = search_region(lungs[box][::2, ::2, ::2], 2 * spacing_mm)
-    found = (heat == ndimage.maximum_filter(heat, size=3)) & (heat >= CANDIDATE_FLOOR) & region
-    offset = np.array([s.start for s in box], dtype=np.float64)
+    region = candidate_region(lungs, box, spacing_mm)
     return [
-        (float(heat[tuple(i)]), np.asarray(work.index_to_patient(i * 2 + 0.5 + offset), dtype=np.float64))
-        for i in np.argwhere(found)
+        (peak.score, np.asarray(work.index_to_patient(peak.kji), dtype=np.float64))
+        for peak in heatmap_peaks(heat, box, region, CANDIDATE_FLOOR)
     ]
 
 

@@ -154,27 +154,40 @@ def candidate_points(
     region: npt.NDArray[np.bool_],
     threshold: float,
 ) -> list[Candidate]:
-    """Local maxima of the heatmap above the detector threshold, in the lungs' search region (the
-    heatmap's cells that `candidate_region` keeps), the most probable first. The candidates of a
-    higher threshold are the first ones of this list."""
-    peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
-    indices = np.argwhere(peaks)
-    order = np.argsort(heatmap[tuple(indices.T)])[::-1]
-    offset = np.array([s.start for s in box], dtype=np.float64)
+    """The highest of `heatmap_peaks`, at least `CANDIDATE_SEPARATION_MM` apart, at most
+    `MAX_CANDIDATES`. The candidates of a higher threshold are the first ones of this list."""
     points: list[Candidate] = []
-    for index in indices[order]:
-        point = index * 2 + 0.5 + offset
-        if all(np.linalg.norm(point - p.kji) >= CANDIDATE_SEPARATION_MM for p in points):
-            points.append(Candidate(point, float(heatmap[tuple(index)])))
+    for peak in heatmap_peaks(heatmap, box, region, threshold):
+        if all(np.linalg.norm(peak.kji - p.kji) >= CANDIDATE_SEPARATION_MM for p in points):
+            points.append(peak)
         if len(points) >= MAX_CANDIDATES:
             break
     return points
 
 
-def candidate_region(lungs: npt.NDArray[np.uint8], box: tuple[slice, slice, slice]) -> npt.NDArray[np.bool_]:
-    """`search_region` on the cells of the heatmap of `box`: cell i covers 1 mm voxels 2i and 2i + 1,
-    so the region on every second voxel has the heatmap's shape."""
-    return search_region(lungs[box][::2, ::2, ::2], 2 * DETECTION_SPACING_MM)
+def heatmap_peaks(
+    heatmap: npt.NDArray[np.float32],
+    box: tuple[slice, slice, slice],
+    region: npt.NDArray[np.bool_],
+    threshold: float,
+) -> list[Candidate]:
+    """Every local maximum of the heatmap at or above `threshold` in the search region (the heatmap's
+    cells that `candidate_region` keeps), the most probable first; `kji` on the grid the heatmap was
+    computed on (cell i covers voxels 2i and 2i + 1 of `box`)."""
+    peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
+    indices = np.argwhere(peaks)
+    order = np.argsort(heatmap[tuple(indices.T)])[::-1]
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    return [Candidate(index * 2 + 0.5 + offset, float(heatmap[tuple(index)])) for index in indices[order]]
+
+
+def candidate_region(
+    lungs: npt.NDArray[np.uint8], box: tuple[slice, slice, slice], spacing_mm: float = DETECTION_SPACING_MM
+) -> npt.NDArray[np.bool_]:
+    """`search_region` on the cells of the heatmap of `box`: cell i covers voxels 2i and 2i + 1 (of
+    `spacing_mm`, the detector's 1 mm unless an experiment runs it on another grid), so the region on
+    every second voxel has the heatmap's shape."""
+    return search_region(lungs[box][::2, ::2, ::2], 2 * spacing_mm)
 
 
 def nodule_probability(detector: float, classifier: float) -> float:
