@@ -201,10 +201,16 @@ def plot_curves(history: list[dict[str, float]], path: Path, best_epoch: int | N
 
 
 def plot_stages(
-    stages: list[tuple[str, list[dict[str, float]]]], path: Path, *, metric: str, continued: int
+    stages: list[tuple[str, list[dict[str, float]]]],
+    path: Path,
+    *,
+    metric: str,
+    continued: int,
+    to_beat: float | None = None,
 ) -> Path:
     """Each stage's validation metric per epoch on one axis, as a PNG: the first `continued` stages
-    follow each other (pretraining, then fine-tuning from its best weights), the rest start afresh."""
+    follow each other (pretraining, then fine-tuning from its best weights), the rest start afresh.
+    `to_beat`: the shipped network's metric, drawn as a line, when training went on from it."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -215,6 +221,8 @@ def plot_stages(
         ax.plot(epochs, [h["val_metric"] for h in history], "o-", label=stage)
         if index < continued:
             offset += len(history)
+    if to_beat is not None:
+        ax.axhline(to_beat, color="grey", linestyle="--", label=f"shipped network ({to_beat:.4f})")
     ax.set(xlabel="epoch", ylabel=metric, title="Validation metric by training stage")
     ax.legend()
     fig.savefig(path, dpi=100)

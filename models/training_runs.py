@@ -443,6 +443,7 @@ def train_all(
                 data_dir / "runs" / f"{name}-stages.png",
                 metric=recipe.metric_name,
                 continued=continued,
+                to_beat=entry["continued_from"]["validation_metric"] if from_shipped else None,
             )
         )
         if compare_scratch:

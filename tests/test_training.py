@@ -257,6 +257,13 @@ def test_stages_plot_continues_fine_tuning_after_pretraining(tmp_path: Path) -> 
         continued=2,
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the shipped network's metric, when training went on from it, is a line of its own
+    stages = [("real", history([0.6, 0.7]))]
+    alone, beside = (
+        plot_stages(stages, tmp_path / f"{name}.png", metric="AUC", continued=1, to_beat=to_beat)
+        for name, to_beat in (("alone", None), ("beside", 0.65))
+    )
+    assert alone.read_bytes() != beside.read_bytes()
 
 
 def _classifier_shard(count: int, seed: int) -> Shard:
