@@ -21,9 +21,8 @@ from models.detector_validation import CANDIDATE_FLOOR, CANDIDATE_RULES
 from models.evaluation import Detection, ScanMatch, build_report, match_scan
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
-from models.networks import predict_heatmap
-from models.pipeline import CANDIDATE_SEPARATION_MM, MAX_CANDIDATES, Pipeline, candidate_region, heatmap_peaks
-from models.preprocessing import lung_box, normalise, resample
+from models.pipeline import Pipeline, candidate_region, detect, heatmap_peaks, spaced_apart
+from models.preprocessing import normalise, resample
 from models.volume import Volume
 
 # (score, centre in patient mm) of every heatmap peak down to the floor
@@ -34,11 +33,9 @@ def peaks(pipeline: Pipeline, volume: Volume, spacing_mm: float, flip: bool = Fa
     """The local maxima of the detector's heatmap on a `spacing_mm` grid, in the search region."""
     work = resample(volume, spacing_mm)
     lungs = segment_lungs(work)
-    box = lung_box(lungs, work.spacing)
-    image = normalise(work.hu[box])
-    heat = predict_heatmap(pipeline.detector, image)
+    heat, box = detect(work, lungs, pipeline.detector)
     if flip:
-        heat = (heat + flipped_heatmap(pipeline, image, (2,))) / 2
+        heat = (heat + flipped_heatmap(pipeline, normalise(work.hu[box]), (2,))) / 2
     region = candidate_region(lungs, box, spacing_mm)
     return [
         (peak.score, np.asarray(work.index_to_patient(peak.kji), dtype=np.float64))
@@ -47,13 +44,9 @@ def peaks(pipeline: Pipeline, volume: Volume, spacing_mm: float, flip: bool = Fa
 
 
 def merged(passes: list[Peaks]) -> list[Detection]:
-    """The passes' peaks, highest first, at least `CANDIDATE_SEPARATION_MM` apart (as the pipeline)."""
-    kept: Peaks = []
-    for score, point in sorted((p for one in passes for p in one), key=lambda p: -p[0]):
-        if all(np.linalg.norm(point - other) >= CANDIDATE_SEPARATION_MM for _, other in kept):
-            kept.append((score, point))
-        if len(kept) >= MAX_CANDIDATES:
-            break
+    """The passes' peaks, highest first, kept apart as the pipeline keeps its candidates."""
+    ranked = sorted((p for one in passes for p in one), key=lambda p: -p[0])
+    kept = [ranked[i] for i in spaced_apart([point for _, point in ranked])]
     return [Detection(tuple(point), score) for score, point in kept]  # type: ignore[arg-type]
 
 

@@ -8,7 +8,7 @@ volume -> 1 mm grid -> lungs -> candidate heatmap (sliding window) -> candidates
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -156,13 +156,20 @@ def candidate_points(
 ) -> list[Candidate]:
     """The highest of `heatmap_peaks`, at least `CANDIDATE_SEPARATION_MM` apart, at most
     `MAX_CANDIDATES`. The candidates of a higher threshold are the first ones of this list."""
-    points: list[Candidate] = []
-    for peak in heatmap_peaks(heatmap, box, region, threshold):
-        if all(np.linalg.norm(peak.kji - p.kji) >= CANDIDATE_SEPARATION_MM for p in points):
-            points.append(peak)
-        if len(points) >= MAX_CANDIDATES:
+    peaks = heatmap_peaks(heatmap, box, region, threshold)
+    return [peaks[i] for i in spaced_apart([peak.kji for peak in peaks])]  # 1 mm grid: indices are mm
+
+
+def spaced_apart(points_mm: Sequence[npt.NDArray[np.float64]]) -> list[int]:
+    """Which of `points_mm` (the most probable first) the candidates keep: each point at least
+    `CANDIDATE_SEPARATION_MM` from every point kept before it, at most `MAX_CANDIDATES`."""
+    kept: list[int] = []
+    for index, point in enumerate(points_mm):
+        if len(kept) >= MAX_CANDIDATES:
             break
-    return points
+        if all(np.linalg.norm(point - points_mm[k]) >= CANDIDATE_SEPARATION_MM for k in kept):
+            kept.append(index)
+    return kept
 
 
 def heatmap_peaks(
