@@ -47,6 +47,9 @@ HEATMAP_PRIOR = 0.01
 class DetectorConfig:
     channels: tuple[int, int, int] = (16, 32, 64)  # at strides 2, 4 and 8
     prior: float = HEATMAP_PRIOR
+    # Channels of a stem of two convolutions at full resolution whose features join the first
+    # stride-2 ones; 0 (every detector up to 0.7.0) leaves it out.
+    full_resolution_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,12 @@ def _check_spatial(x: Tensor, multiple: int, name: str) -> None:
 class CandidateDetector(nn.Module):
     """Nodule-centre heatmap logits (B, 1, D/2, H/2, W/2) of a (B, 1, D, H, W) CT at 1 mm.
 
-    The first convolution has stride 2, so no layer runs at full resolution; the decoder adds
-    (rather than concatenates) its skips, which halves the cost of the two costliest layers.
+    The first convolution has stride 2, so no layer runs at full resolution unless the config asks
+    for a full-resolution stem; the decoder adds (rather than concatenates) its skips, which halves
+    the cost of the two costliest layers.
+
+    The stem's last layer (a 2x2x2 convolution of stride 2 onto the first stride-2 features) starts
+    at zero, so a detector grown from one without a stem (``grow``) starts with the same outputs.
     """
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
@@ -114,13 +121,19 @@ class CandidateDetector(nn.Module):
         self.up2, self.dec2 = _up(c3, c2), _conv_bn_relu(c2, c2)
         self.up1, self.dec1 = _up(c2, c1), _conv_bn_relu(c1, c1)
         self.head = nn.Conv3d(c1, 1, 1)
+        c0 = self.config.full_resolution_channels
+        self.stem = (
+            nn.Sequential(_double_conv(1, c0), nn.Conv3d(c0, c1, 2, stride=2, bias=False)) if c0 else None
+        )
         _init_weights(self)
         nn.init.normal_(self.head.weight, std=0.01)  # so that the output starts at the prior
         nn.init.constant_(self.head.bias, -math.log((1 - self.config.prior) / self.config.prior))
+        if self.stem is not None:
+            nn.init.zeros_(self.stem[-1].weight)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_spatial(x, 8, "CandidateDetector")
-        s1 = self.enc1(x)
+        s1 = self.enc1(x) if self.stem is None else self.enc1(x) + self.stem(x)
         s2 = self.enc2(s1)
         y = self.enc3(s2)
         y = self.dec2(self.up2(y) + s2)
@@ -375,6 +388,18 @@ def load_model(
     model.load_state_dict(state)
     model.to(map_location).eval()
     return model, checkpoint["metadata"]
+
+
+def grow(model: ModelT, smaller: nn.Module) -> ModelT:
+    """``model`` with the weights of ``smaller``, a network whose every weight ``model`` has in the same
+    shape (such as a detector without the full-resolution stem); the layers only ``model`` has keep
+    their initialisation."""
+    if type(model) is not type(smaller):
+        raise TypeError(f"cannot grow a {type(model).__name__} from a {type(smaller).__name__}")
+    extra = model.load_state_dict(smaller.state_dict(), strict=False).unexpected_keys
+    if extra:
+        raise ValueError(f"{type(model).__name__} has no {extra}")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

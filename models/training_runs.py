@@ -37,6 +37,7 @@ from models.networks import (
     SegmenterConfig,
     bce_loss,
     dice_bce_loss,
+    grow,
     heatmap_loss,
     load_model,
     save_model,
@@ -275,9 +276,11 @@ def shipped_start(
     validation: Shard,
     model_metric: Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The shipped network to continue training from, with what it was and its validation metric
+    """The shipped network to continue training from, grown into the recipe's network where that has
+    more layers (`models.networks.grow`), with what it was and its validation metric
     (`model_metric`'s when given, else the recipe's on `validation`)."""
-    model, metadata = load_model(weights_dir / f"{recipe.name}.pt")
+    shipped, metadata = load_model(weights_dir / f"{recipe.name}.pt")
+    model = grow(recipe.make(), shipped)
     if model_metric is not None:
         metric = model_metric(model)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from models.networks import (
     count_parameters,
     dice_bce_loss,
     fuse_batchnorm,
+    grow,
     heatmap_loss,
     load_model,
     predict_heatmap,
@@ -160,6 +162,33 @@ def test_fused_batchnorm_gives_the_same_outputs() -> None:
         x = torch.rand(shape)
         with torch.inference_mode():
             torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_detector_grown_a_full_resolution_stem_starts_where_it_was_and_learns(tmp_path: Path) -> None:
+    small = _tiny("CandidateDetector")
+    grown = grow(CandidateDetector(replace(TINY["CandidateDetector"], full_resolution_channels=2)), small)
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(grown.eval()(x), small(x))
+
+    target = torch.from_numpy(render_heatmap((8, 8, 8), [[7.5, 7.5, 7.5]]))[None, None].repeat(2, 1, 1, 1, 1)
+    before = {name: p.detach().clone() for name, p in grown.stem.named_parameters()}
+    optimiser = torch.optim.Adam(grown.train().parameters(), lr=1e-2)
+    for _ in range(2):  # the stem's first layers get a gradient once its zero last layer has moved
+        optimiser.zero_grad()
+        heatmap_loss(grown(x), target).backward()
+        optimiser.step()
+    assert all(not torch.equal(p, before[name]) for name, p in grown.stem.named_parameters())
+    grown.eval()
+    loaded, _ = load_model(save_model(grown, tmp_path / "grown.pt", {"version": "test"}))
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), grown(x))
+        torch.testing.assert_close(fuse_batchnorm(grown)(x), grown(x), atol=1e-5, rtol=1e-4)
+
+    with pytest.raises(ValueError, match="stem"):
+        grow(_tiny("CandidateDetector"), grown)
+    with pytest.raises(TypeError):
+        grow(_tiny("NoduleSegmenter"), small)
 
 
 def test_sliding_window_matches_one_pass_away_from_window_borders() -> None:
