@@ -199,6 +199,11 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
 @click.option(
     "--ship/--no-ship", default=True, show_default=True, help="Copy the best weights into the package."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Processes that build missing training shards side by side (default: one a core, as memory allows).",
+)
 def train(
     data_dir: Path,
     networks: str,
@@ -207,10 +212,12 @@ def train(
     compare_scratch: bool,
     ship: bool,
     from_shipped: bool,
+    workers: int | None,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
     nodules inserted into the LIDC backgrounds. The classifier also learns from the shipped
     detector's own candidates, so a new detector is trained (and shipped) first."""
+    from models.datasets import default_workers
     from models.training_runs import Budget, train_all
 
     started = time.perf_counter()
@@ -230,6 +237,7 @@ def train(
         compare_scratch=compare_scratch,
         ship_weights=ship,
         from_shipped=from_shipped,
+        workers=workers or default_workers(),
         progress=_echo_progress(started),
     )
     click.echo(json.dumps(summary, indent=2))

@@ -5,10 +5,13 @@ synthetic chests) patients that training never saw."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +30,7 @@ SPLITS = {
     "validation": (3000, 8, 3100, 4),
     "test": (4000, 16, 4100, 8),
 }
+SHARD_WORKER_GB = 4.0
 
 
 @dataclass(frozen=True)
@@ -79,32 +83,85 @@ class Backgrounds:
         return self._loaded[name]
 
 
-def make_case(source: CaseSource, backgrounds: Backgrounds) -> Case:
+_process_backgrounds = Backgrounds()
+
+
+def make_case(source: CaseSource, backgrounds: Backgrounds | None = None) -> Case:
+    """The case of `source`; insertions take their background from `backgrounds`, else from the
+    process's own (each background loaded once a process)."""
     if source.kind == "synthetic":
         return synthesize_case(source.seed, NODULES_PER_CASE)
     if source.background is None:
         raise ValueError(f"insertion case {source.seed} names no background")
-    volume, marks = backgrounds.get(source.background)
+    volume, marks = (backgrounds or _process_backgrounds).get(source.background)
     return insert_into_real(volume, source.seed, NODULES_PER_CASE, ignore=marks)
 
 
 def build_shards(
-    split: str, out_dir: Path, *, progress: Callable[[str], None] = lambda message: None
+    split: str,
+    out_dir: Path,
+    *,
+    workers: int = 1,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> list[Path]:
-    """One shard per case of the split in out_dir/split/; shards already there are kept (a cache)."""
+    """One shard per case of the split in out_dir/split/; shards already there are kept (a cache).
+    `workers` processes build the missing ones side by side (each case is built on its own, from its
+    own seed, so the shards are the same whatever the number of workers)."""
     folder = out_dir / split
     folder.mkdir(parents=True, exist_ok=True)
-    backgrounds = Backgrounds()
-    paths = []
     sources = split_sources(split)
-    for index, source in enumerate(sources, start=1):
-        path = folder / f"{source.name}.npz"
-        if not path.exists():
-            progress(f"{split} {index}/{len(sources)}: {source.name}")
-            shard = shard_from_case(make_case(source, backgrounds), np.random.default_rng([source.seed, 7]))
-            shard.save(path)
-        paths.append(path)
+    paths = [folder / f"{source.name}.npz" for source in sources]
+    missing = [(source, path) for source, path in zip(sources, paths, strict=True) if not path.exists()]
+    in_processes(_build_shard, missing, workers, f"{split}: building", progress)
     return paths
+
+
+Result = TypeVar("Result")
+
+
+def in_processes(
+    function: Callable[..., Result],
+    jobs: Sequence[tuple[Any, ...]],
+    workers: int,
+    doing: str,
+    progress: Callable[[str], None],
+) -> list[Result]:
+    """`function(*job)` for each job, in `workers` processes side by side (here, for one job or one
+    worker), and what each returned, in the jobs' order. A job's first item is its `CaseSource`, which
+    the progress messages name."""
+    if workers <= 1 or len(jobs) <= 1:
+        results = []
+        for done, job in enumerate(jobs, start=1):
+            progress(f"{doing} {job[0].name} ({done}/{len(jobs)})")
+            results.append(function(*job))
+        return results
+    progress(f"{doing} {len(jobs)} cases in {workers} processes")
+    # Spawned, not forked: a forked child of a process that has run torch can hang in its thread pools.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
+        finished: dict[int, Result] = {}
+        for done, future in enumerate(as_completed(futures), start=1):
+            index = futures[future]
+            finished[index] = future.result()
+            progress(f"{doing} {jobs[index][0].name}: done ({done}/{len(jobs)})")
+    return [finished[index] for index in range(len(jobs))]
+
+
+def default_workers() -> int:
+    """Processes for building shards: one a core, as many as the memory holds (a case takes about
+    SHARD_WORKER_GB at its peak)."""
+    cores = os.cpu_count() or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError):
+        return 1
+    return max(1, min(cores, int(memory_gb // SHARD_WORKER_GB)))
+
+
+def _build_shard(source: CaseSource, path: Path) -> None:
+    case = make_case(source)
+    shard_from_case(case, np.random.default_rng([source.seed, 7])).save(path)
 
 
 def load_shards(paths: list[Path]) -> Shard:

@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from torch import nn
 
-from models.datasets import Backgrounds, make_case, split_sources
-from models.evaluation import Detection, MatchRules, ScanTruth, build_report, match_scan
+from models.datasets import CaseSource, in_processes, make_case, split_sources
+from models.evaluation import Detection, MatchRules, ScanMatch, ScanTruth, build_report, match_scan
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.networks import CandidateDetector
@@ -50,21 +50,25 @@ class ValidationCase:
 
 
 def validation_cases(
-    split: str = "validation", progress: Callable[[str], None] = lambda message: None
+    split: str = "validation",
+    progress: Callable[[str], None] = lambda message: None,
+    workers: int = 1,
+    limit: int = 0,
 ) -> list[ValidationCase]:
-    """The split's cases, resampled and with their lungs, ready for `candidate_cpm` epoch after epoch."""
-    backgrounds = Backgrounds()
-    sources = split_sources(split)
-    cases = []
-    for index, source in enumerate(sources, start=1):
-        progress(f"{split} scans for the detector's metric {index}/{len(sources)}: {source.name}")
-        case = make_case(source, backgrounds)
-        cases.append(ValidationCase.of(truth_of(case, source.name), case.volume))
-    return cases
+    """The split's cases (the first `limit`, when given), resampled and with their lungs, ready for
+    `candidate_cpm` epoch after epoch; made in `workers` processes."""
+    jobs = [(source,) for source in split_sources(split)[: limit or None]]
+    doing = f"{split} scans for the detector's metric:"
+    return in_processes(_validation_case, jobs, workers, doing, progress)
 
 
-def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
-    """The CPM (mean sensitivity at 1/8 to 8 false positives per scan) of the detector's candidates."""
+def _validation_case(source: CaseSource) -> ValidationCase:
+    case = make_case(source)
+    return ValidationCase.of(truth_of(case, source.name), case.volume)
+
+
+def candidate_matches(detector: nn.Module, cases: list[ValidationCase]) -> list[ScanMatch]:
+    """Each case's detector candidates (heatmap peaks down to `CANDIDATE_FLOOR`), matched to its truth."""
     if not isinstance(detector, CandidateDetector):
         raise TypeError(f"candidate_cpm judges a CandidateDetector, not a {type(detector).__name__}")
     matches = []
@@ -75,12 +79,18 @@ def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
             for c in candidate_points(heatmap, box, case.region, CANDIDATE_FLOOR)
         ]
         matches.append(match_scan(case.truth, candidates, CANDIDATE_RULES))
+    return matches
+
+
+def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
+    """The CPM (mean sensitivity at 1/8 to 8 false positives per scan) of the detector's candidates."""
+    matches = candidate_matches(detector, cases)
     return float(build_report(matches, rules=CANDIDATE_RULES).group("all").froc.cpm)
 
 
 def candidate_judge(
-    split: str = "validation", progress: Callable[[str], None] = lambda message: None
+    split: str = "validation", progress: Callable[[str], None] = lambda message: None, workers: int = 1
 ) -> Callable[[nn.Module], float]:
-    """`candidate_cpm` on the split's cases, loaded once."""
-    cases = validation_cases(split, progress)
+    """`candidate_cpm` on the split's cases, loaded once (in `workers` processes)."""
+    cases = validation_cases(split, progress, workers)
     return lambda detector: candidate_cpm(detector, cases)

@@ -471,14 +471,62 @@ def _bootstrap(
     count = len(target_scores)
     samples = np.full((n, len(FROC_FP_RATES) + 1), np.nan)
     for b in range(n):
-        chosen = rng.integers(0, count, size=count)
-        targets = _concat([target_scores[i] for i in chosen])
-        if len(targets) == 0:
-            continue
-        curve = froc_curve(targets, _concat([fp_scores[i] for i in chosen]), count)
-        values = [curve.sensitivity_at(x) for x in FROC_FP_RATES]
-        samples[b] = [*values, np.mean(values)]
+        values = _resampled_froc(target_scores, fp_scores, rng.integers(0, count, size=count))
+        if values is not None:
+            samples[b] = values
     return samples
+
+
+def _resampled_froc(
+    target_scores: Sequence[FloatArray], fp_scores: Sequence[FloatArray], chosen: npt.NDArray[np.int_]
+) -> list[float] | None:
+    """The seven sensitivities and the CPM of the scans `chosen` (with repeats); None without targets."""
+    targets = _concat([target_scores[i] for i in chosen])
+    if len(targets) == 0:
+        return None
+    curve = froc_curve(targets, _concat([fp_scores[i] for i in chosen]), len(chosen))
+    values = [curve.sensitivity_at(x) for x in FROC_FP_RATES]
+    return [*values, float(np.mean(values))]
+
+
+@dataclass(frozen=True)
+class CpmDifference:
+    """CPM of B minus CPM of A on the same scans, with its 95 % paired bootstrap interval."""
+
+    a: float
+    b: float
+    difference: float
+    ci: tuple[float, float]
+
+    @property
+    def tells_apart(self) -> bool:
+        """Whether the interval leaves out 0: these scans can tell the two apart."""
+        return self.ci[0] > 0 or self.ci[1] < 0
+
+
+def cpm_difference(
+    a: Sequence[ScanMatch], b: Sequence[ScanMatch], *, n_bootstrap: int = 2000, seed: int = 0
+) -> CpmDifference:
+    """How much better B's detections are than A's on the same scans, and how sure that is: both are
+    resampled with the same scans each time, so what the scans share (their nodules, their look-alikes)
+    cancels out of the difference."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired comparison needs the same scans on both sides ({len(a)} and {len(b)})")
+    if [m.truth.case_id for m in a] != [m.truth.case_id for m in b]:
+        raise ValueError("a paired comparison needs the same scans, in the same order, on both sides")
+    sides = [
+        ([m.target_scores() for m in side], [m.false_positive_scores() for m in side]) for side in (a, b)
+    ]
+    cpm_a, cpm_b = (froc_result(targets, fps).cpm for targets, fps in sides)
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(n_bootstrap):
+        chosen = rng.integers(0, len(a), size=len(a))
+        first, second = (_resampled_froc(targets, fps, chosen) for targets, fps in sides)
+        if first is not None and second is not None:
+            differences.append(second[-1] - first[-1])
+    low, high = np.percentile(differences, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return CpmDifference(cpm_a, cpm_b, cpm_b - cpm_a, (float(low), float(high)))
 
 
 def _concat(arrays: Sequence[FloatArray]) -> FloatArray:

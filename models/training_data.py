@@ -49,11 +49,17 @@ class Shard:
         partial.rename(path)
 
     @classmethod
-    def of_classifier(cls, images: Sequence[npt.NDArray[np.int16]], labels: Sequence[int]) -> Shard:
-        """Samples for the false-positive classifier alone (mined candidates)."""
+    def of_mined(
+        cls,
+        images: Sequence[npt.NDArray[np.int16]],
+        labels: Sequence[int],
+        detection: Sequence[tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]] = (),
+    ) -> Shard:
+        """Samples from a detector's candidates (`models.hard_negatives`): classifier cubes, and
+        detector cubes (image, heatmap) around its false ones."""
         return cls(
-            detection_images=_stack([], DETECTION_PATCH, np.int16),
-            detection_heatmaps=_stack([], DETECTION_PATCH, np.uint8),
+            detection_images=_stack([image for image, _ in detection], DETECTION_PATCH, np.int16),
+            detection_heatmaps=_stack([heat for _, heat in detection], DETECTION_PATCH, np.uint8),
             classifier_images=_stack(images, CLASSIFIER_PATCH, np.int16),
             classifier_labels=np.asarray(labels, dtype=np.uint8),
             segmentation_images=_stack([], SEGMENTATION_PATCH, np.int16),
@@ -195,7 +201,6 @@ def _detection_samples(
     """Cubes holding a nodule somewhere inside (more of the small and subsolid ones), and cubes anywhere
     in the lungs."""
     half = DETECTION_PATCH // 2
-    peaks = [(c, heatmap_sigma_mm(n.mean_diameter_mm)) for c, n in zip(centres, nodules, strict=True)]
     # The extra cubes' positions come from a stream of their own: every other sample of the case stays
     # what it was before they were added.
     extra = rng.spawn(1)[0]
@@ -210,13 +215,20 @@ def _detection_samples(
         for _ in range(HARD_NODULE_EXTRA_CUBES)
     ]
     for centre in wanted:
-        if not _clear_of_marks(centre, half, marks):
-            continue
-        low = np.rint(centre).astype(int) - half
-        yield (
-            np.rint(crop(work.hu, centre, DETECTION_PATCH, -1024.0)).astype(np.int16),
-            _heatmap((DETECTION_PATCH,) * 3, low, peaks),
-        )
+        if _clear_of_marks(centre, half, marks):
+            yield detection_target(work, nodules, centre)
+
+
+def detection_target(
+    work: Volume, nodules: Sequence[NoduleTruth], centre: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]:
+    """The detector cube around `centre` (indices of the 1 mm grid `work`) and its nodule-centre heatmap."""
+    peaks = [(work.patient_to_index(n.centre_mm), heatmap_sigma_mm(n.mean_diameter_mm)) for n in nodules]
+    low = np.rint(centre).astype(int) - DETECTION_PATCH // 2
+    return (
+        np.rint(crop(work.hu, centre, DETECTION_PATCH, -1024.0)).astype(np.int16),
+        _heatmap((DETECTION_PATCH,) * 3, low, peaks),
+    )
 
 
 def _classifier_samples(

@@ -18,6 +18,7 @@ from models.evaluation import (
     Outcome,
     ScanTruth,
     Target,
+    cpm_difference,
     detection_listing,
     dice,
     evaluate,
@@ -215,6 +216,44 @@ def test_bootstrap_interval_is_reproducible_and_holds_the_cpm() -> None:
     assert first.cpm_ci is not None and first.sensitivity_ci is not None
     assert first.cpm_ci[0] <= first.cpm <= first.cpm_ci[1]
     assert len(first.sensitivity_ci) == len(FROC_FP_RATES)
+
+
+def _matched(scans: Sequence[tuple[ScanTruth, list[Detection]]]) -> list:
+    return [match_scan(truth, detections) for truth, detections in scans]
+
+
+def test_a_detector_compared_with_itself_differs_by_nothing() -> None:
+    same = cpm_difference(_matched(_four_scans()), _matched(_four_scans()), n_bootstrap=200)
+    assert same.a == same.b == pytest.approx(3.25 / 7)
+    assert same.difference == 0 and same.ci == (0.0, 0.0) and not same.tells_apart
+
+
+def _scans_found(found: Sequence[bool]) -> list[tuple[ScanTruth, list[Detection]]]:
+    """A scan of one nodule and one look-alike for each item: the nodule found above the look-alike,
+    or missed."""
+    return [
+        (_truth([_target(1)], case_id=f"scan-{i}"), [_at(100.0, 0.5)] + ([_at(0.0, 0.9)] if hit else []))
+        for i, hit in enumerate(found)
+    ]
+
+
+def test_paired_scans_tell_a_clear_gain_apart_and_few_scans_do_not() -> None:
+    missed = _matched(_scans_found([False] * 30))
+    many = cpm_difference(missed, _matched(_scans_found([True] * 30)))
+    assert (many.a, many.b, many.difference) == (0.0, 1.0, 1.0)
+    assert many.ci == (1.0, 1.0) and many.tells_apart
+    # one scan of thirty better: within what the resampled scans give by chance
+    small = cpm_difference(missed, _matched(_scans_found([True] + [False] * 29)), n_bootstrap=500)
+    assert small.difference == pytest.approx(1 / 30)
+    assert small.ci[0] <= 0 < small.ci[1] and not small.tells_apart
+
+
+def test_a_paired_comparison_needs_the_same_scans() -> None:
+    with pytest.raises(ValueError, match="same scans"):
+        cpm_difference(_matched(_four_scans()), _matched(_four_scans()[:3]))
+    renamed = [(ScanTruth(t.case_id + "x", t.targets, t.ignore), d) for t, d in _four_scans()]
+    with pytest.raises(ValueError, match="same scans"):
+        cpm_difference(_matched(_four_scans()), _matched(renamed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def _classifier_shard(count: int, seed: int) -> Shard:
     rng = np.random.default_rng(seed)
     labels = np.arange(count) % 2
     images = [rng.normal(-700 + 500 * label, 50, (32, 32, 32)).astype(np.int16) for label in labels]
-    return Shard.of_classifier(images, list(labels))
+    return Shard.of_mined(images, list(labels))
 
 
 def test_training_goes_on_from_the_shipped_network_and_measures_it_first(tmp_path: Path) -> None:
