@@ -70,7 +70,7 @@ def _validation_case(source: CaseSource) -> ValidationCase:
 def candidate_matches(detector: nn.Module, cases: list[ValidationCase]) -> list[ScanMatch]:
     """Each case's detector candidates (heatmap peaks down to `CANDIDATE_FLOOR`), matched to its truth."""
     if not isinstance(detector, CandidateDetector):
-        raise TypeError(f"candidate_cpm judges a CandidateDetector, not a {type(detector).__name__}")
+        raise TypeError(f"candidate_matches takes a CandidateDetector, not a {type(detector).__name__}")
     matches = []
     for case in cases:
         heatmap, box = detect(case.work, case.lungs, detector)

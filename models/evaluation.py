@@ -495,8 +495,11 @@ class CpmDifference:
 
     a: float
     b: float
-    difference: float
     ci: tuple[float, float]
+
+    @property
+    def difference(self) -> float:
+        return self.b - self.a
 
     @property
     def tells_apart(self) -> bool:
@@ -526,7 +529,7 @@ def cpm_difference(
         if first is not None and second is not None:
             differences.append(second[-1] - first[-1])
     low, high = np.percentile(differences, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
-    return CpmDifference(cpm_a, cpm_b, cpm_b - cpm_a, (float(low), float(high)))
+    return CpmDifference(cpm_a, cpm_b, (float(low), float(high)))
 
 
 def _concat(arrays: Sequence[FloatArray]) -> FloatArray:
