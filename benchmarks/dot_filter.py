@@ -45,7 +45,8 @@ def dot_response(hu: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_]) -> 
             hessian[:, a, b] = hessian[:, b, a] = values
         response = np.empty(len(where[0]), np.float32)
         for start in range(0, len(response), CHUNK):
-            eigen = np.linalg.eigvalsh(hessian[start : start + CHUNK])  # ascending: eigen[:, 0] largest |.|
+            # ascending: where all three are negative, eigen[:, 0] has the largest magnitude
+            eigen = np.linalg.eigvalsh(hessian[start : start + CHUNK])
             strongest, weakest = eigen[:, 0], eigen[:, 2]
             response[start : start + CHUNK] = np.where(
                 weakest < 0, weakest**2 / np.maximum(-strongest, 1e-6), 0.0
