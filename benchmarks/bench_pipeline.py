@@ -45,7 +45,11 @@ def main() -> None:
     print(f"model {pipeline.version} on {name}, torch threads {torch.get_num_threads()}")
     case = synthesize_case(300, 5, n_slices=300)
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    total = timed(f"synthetic CT {case.volume.shape}", case.volume, pipeline)
+    label = f"synthetic CT {case.volume.shape}"
+    # The first analysis in a process also pays for CUDA's start and kernel loading; a worker keeps its
+    # networks loaded from study to study, so the goal applies to the second.
+    timed(f"{label}, first analysis", case.volume, pipeline)
+    total = timed(f"{label}, again", case.volume, pipeline)
     goal = GOAL_S.get(device, GOAL_S["cpu"])
     verdict = "meets" if total <= goal else "MISSES"
     print(f"goal: at most {goal:.0f} s: {verdict} it ({total / goal:.2f} of the budget)")
@@ -55,6 +59,8 @@ def main() -> None:
         f"(before the pipeline: {baseline_mb:.0f} MB); goal {GOAL_MEMORY_MB} MB: "
         f"{'meets' if peak_mb <= GOAL_MEMORY_MB else 'MISSES'} it"
     )
+    if device == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     try:
         series = load_series(lidc_series_dir("LIDC-IDRI-0002"))
     except FileNotFoundError as missing:

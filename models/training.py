@@ -122,25 +122,37 @@ def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
 
 
+def train_step(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+) -> float:
+    """One optimiser step on a batch, on the model's device; the batch's mean loss."""
+    device = next(model.parameters()).device
+    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    with _autocast(device, config):
+        loss = loss_fn(model(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader,
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
     config: TrainConfig,
     bar: tqdm,
 ) -> float:
     model.train()
     total, count = 0.0, 0
     for inputs, targets in loader:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with _autocast(device, config):
-            loss = loss_fn(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(inputs)
+        total += train_step(model, inputs, targets, loss_fn, optimizer, config) * len(inputs)
         count += len(inputs)
         bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}")
@@ -310,7 +322,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _epoch_bar(config, train_loader, epoch) as bar:
-            train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, device, config, bar)
+            train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, config, bar)
         val_loss, val_metric = _validate(model, val_loader, loss_fn, metric_fn, device, config)
         patch_metric = {}
         if model_metric is not None:

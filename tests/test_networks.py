@@ -155,7 +155,11 @@ def test_shipped_sizes(tmp_path: Path) -> None:
 
 
 def test_fused_batchnorm_gives_the_same_outputs() -> None:
-    for name, shape in [("CandidateDetector", (2, 1, 16, 16, 16)), ("NoduleSegmenter", (1, 1, 16, 16, 16))]:
+    for name, shape in [
+        ("CandidateDetector", (2, 1, 16, 16, 16)),
+        ("FalsePositiveClassifier", (3, 1, 16, 16, 16)),
+        ("NoduleSegmenter", (1, 1, 16, 16, 16)),
+    ]:
         model = _tiny(name)
         fused = fuse_batchnorm(model)
         assert not any(isinstance(m, nn.BatchNorm3d) for m in fused.modules())

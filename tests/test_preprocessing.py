@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from models.characterisation import characterise, location
-from models.lungs import search_region
+from models.lungs import search_region, segment_lungs
 from models.measurements import BoxMask
-from models.preprocessing import lung_box, normalise, resample, resample_onto
+from models.preprocessing import AIR_HU, covering, lung_box, normalise, resample, resample_onto
 from models.training_data import crop, heatmap_sigma_mm, patch_grid, segmentation_sample
 from models.volume import Volume
 
@@ -33,6 +34,61 @@ def test_resample_keeps_positions_and_extent() -> None:
     assert work.hu[work.nearest_index(centre_mm)] == pytest.approx(40.0)
     back = resample_onto(work, volume)
     assert back.hu[15, 40, 40] == pytest.approx(40.0)
+
+
+def test_resample_onto_a_patch_interpolates_the_whole_volume() -> None:
+    """A small grid half outside an oblique volume: each point inside is the trilinear interpolation of
+    the volume there (as if SimpleITK had been handed the whole volume, not the part that `covering`
+    cuts out), each point more than half a voxel outside is air."""
+    rng = np.random.default_rng(3)
+    angle = np.deg2rad(20)
+    direction = np.array([[1.0, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    volume = Volume(
+        hu=rng.normal(-500, 300, (30, 40, 50)).astype(np.float32),
+        spacing=(2.5, 0.8, 0.7),
+        origin=(5.0, -10.0, 20.0),
+        direction=direction,
+    )
+    grid = patch_grid(volume, volume.index_to_patient((15, 20, 46)), 16, 0.75)
+    assert covering(volume, grid) is not None and covering(volume, grid).shape < volume.shape
+    result = resample_onto(volume, grid).hu
+    kji = volume.patient_to_index(grid.index_to_patient(np.argwhere(np.ones(grid.shape, bool))))
+    upper = np.asarray(volume.shape) - 1
+    inside = np.all((kji >= 0) & (kji <= upper), axis=1)
+    outside = np.any((kji < -0.5) | (kji > upper + 0.5), axis=1)
+    assert inside.sum() > 500 and outside.sum() > 500
+    expected = ndimage.map_coordinates(volume.hu.astype(np.float64), kji[inside].T, order=1)
+    np.testing.assert_allclose(result.reshape(-1)[inside], expected, atol=1e-2)
+    np.testing.assert_array_equal(result.reshape(-1)[outside], AIR_HU)
+
+
+def test_resample_onto_a_grid_wholly_outside_is_air() -> None:
+    volume, _ = ball_volume()
+    far = patch_grid(volume, volume.index_to_patient((15, 40, 40)) + 500.0, 8, 1.0)
+    assert covering(volume, far) is None
+    np.testing.assert_array_equal(resample_onto(volume, far).hu, AIR_HU)
+    np.testing.assert_array_equal(resample_onto(volume, far, default=0.0).hu, 0.0)
+
+
+def test_segment_lungs_gives_each_lung_its_side_in_a_body_off_centre() -> None:
+    """Two lungs joined by an airway, in a body well off the image's centre (so that the box the
+    segmentation works in starts far from the array's corner): each lung gets its patient side, the
+    vessel inside one is filled, and nothing outside the lungs is labelled."""
+    hu = np.full((40, 160, 220), -1000.0, np.float32)
+    hu[:, 20:150, 80:216] = 20.0  # the body, 136 mm wide, its centre at column 148
+    right, left = (
+        (slice(4, 36), slice(50, 120), slice(96, 140)),
+        (slice(4, 36), slice(50, 120), slice(156, 200)),
+    )
+    hu[right] = hu[left] = -850.0
+    hu[4:36, 80:84, 140:156] = -900.0  # an airway joining them
+    hu[15:25, 80:90, 110:120] = 40.0  # a vessel in the right lung
+    volume = Volume(hu=hu, spacing=(2.5, 1.0, 1.0), origin=(-150.0, -100.0, -300.0))
+    sides = segment_lungs(volume)
+    # LPS: x grows towards the patient's left, and x is the column here.
+    assert (sides[right] == 1).mean() > 0.99 and (sides[left] == 2).mean() > 0.99
+    assert (sides[15:25, 80:90, 110:120] == 1).all()
+    assert not sides[:, :, :80].any() and not sides[:, :20].any() and not sides[:, 150:].any()
 
 
 def test_resample_nearest_for_labels() -> None:

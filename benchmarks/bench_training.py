@@ -1,0 +1,119 @@
+"""Benchmark: what training the candidate detector costs on this machine, to plan a run before it
+starts (docs/pipeline.md: a detector with features at full resolution, trained from scratch, is what
+the CPM needs, and a 2-core CPU cannot train it within a session).
+
+It prints, for the shipped detector's layout and with a full-resolution stem of 8 and 16 channels:
+the seconds of one training step (forward, backward and Adam, on a batch of 64^3 cubes, with the
+training's own bfloat16 autocast on CUDA), the cubes a second that makes, and an epoch's minutes for
+the recipe's number of cubes; and how many cubes a second one loader process augments, which says
+how many processes keep the GPU fed. The cubes are a real shard of a synthetic case.
+
+    .venv/bin/python benchmarks/bench_training.py [--device cuda] [--batch 8] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.networks import CandidateDetector, DetectorConfig, count_parameters, heatmap_loss
+from models.synthetic.cases import synthesize_case
+from models.training import TrainConfig, choose_device, seed_everything, train_step
+from models.training_data import Shard, shard_from_case
+from models.training_runs import PatchSet
+
+# The detector's training cubes in the shipped recipe: synthetic cases and insertions (docs/pipeline.md).
+RECIPE_CUBES = 2270
+STEM_CHANNELS = (0, 8, 16)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    stem_channels: int
+    parameters: int
+    seconds_per_step: float
+    batch: int
+    peak_gpu_mb: float | None
+
+    @property
+    def cubes_per_second(self) -> float:
+        return self.batch / self.seconds_per_step
+
+    def epoch_minutes(self, cubes: int = RECIPE_CUBES) -> float:
+        return cubes / self.cubes_per_second / 60
+
+
+def sample_shard(seed: int = 7) -> Shard:
+    return shard_from_case(synthesize_case(seed, 3, n_slices=120), np.random.default_rng(seed))
+
+
+def augmented_cubes_per_second(patches: PatchSet, count: int) -> float:
+    started = time.perf_counter()
+    for index in range(count):
+        patches[index % len(patches)]
+    return count / (time.perf_counter() - started)
+
+
+def time_steps(
+    patches: PatchSet, stem_channels: int, device: torch.device, batch: int, steps: int, warmup: int = 3
+) -> StepTiming:
+    """Seconds per training step of a fresh detector on one fixed batch (the loader left out)."""
+    seed_everything(0)
+    model = CandidateDetector(DetectorConfig(full_resolution_channels=stem_channels)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    items = [patches[i % len(patches)] for i in range(batch)]
+    inputs, targets = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    config = TrainConfig()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        train_step(model, inputs, targets, heatmap_loss, optimizer, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, inputs, targets, heatmap_loss, optimizer, config)  # .item() synchronises
+    seconds = (time.perf_counter() - started) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return StepTiming(stem_channels, count_parameters(model), seconds, batch, peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if args.batch < 1 or args.steps < 1:
+        parser.error("--batch and --steps must be at least 1")
+    device = choose_device(args.device)
+    if device.type == "cuda":
+        # As `models.training.train` runs by default.
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"detector training on {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    shard = sample_shard()
+    patches = PatchSet(shard.detection_images, shard.detection_heatmaps, "detector", augmented=True, seed=0)
+    rate = augmented_cubes_per_second(patches, count=2 * len(patches))
+    print(f"augmentation: {rate:.1f} cubes/s in one loader process ({len(patches)} cubes of a case)")
+    print(f"batches of {args.batch}; an epoch is {RECIPE_CUBES:,} cubes")
+    print("stem channels  parameters  s/step  cubes/s  min/epoch  loader processes to keep up  peak GPU MB")
+    for channels in STEM_CHANNELS:
+        timing = time_steps(patches, channels, device, args.batch, args.steps)
+        memory = f"{timing.peak_gpu_mb:.0f}" if timing.peak_gpu_mb is not None else "-"
+        print(
+            f"{channels:>13}  {timing.parameters:>10,}  {timing.seconds_per_step:6.3f}"
+            f"  {timing.cubes_per_second:7.1f}  {timing.epoch_minutes():9.1f}"
+            f"  {timing.cubes_per_second / rate:27.1f}  {memory:>11}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 3 in one call of a lent GPU machine (see the device tool's README).
+# That machine's python3 holds PyTorch with CUDA, numpy, scipy, matplotlib and tqdm, and can fetch
+# nothing: SimpleITK and pydicom travel as wheels in .whl/ (git-ignored; about 55 MB of the 64 MiB
+# that a call may carry, so carry nothing else).
+#
+#   here:  bash benchmarks/device_check.sh wheels
+#   there: bash benchmarks/device_check.sh run        (carry [".whl"]; about 3 minutes)
+#
+# `run` prints the GPU, the whole pipeline's time on the 512 x 512 x 300 CT on that machine's CPU and
+# on its GPU (goal: at most 5 s), and what a training step of the detector costs there, with and
+# without a full-resolution stem.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+wheels)
+    versions=$(.venv/bin/python -c 'import SimpleITK, pydicom; print(SimpleITK.__version__, pydicom.__version__)')
+    read -r sitk_version pydicom_version <<<"$versions"
+    rm -rf .whl
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl "SimpleITK==$sitk_version" "pydicom==$pydicom_version"
+    du -sh .whl
+    ;;
+run)
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "no wheels in .whl/: run 'bash benchmarks/device_check.sh wheels' here and carry .whl" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    # The same machine's CPU first: the GPU's figure beside a peer measured in the same run.
+    python3 benchmarks/bench_pipeline.py --device cpu
+    python3 benchmarks/bench_pipeline.py --device cuda
+    python3 benchmarks/bench_training.py --device cuda
+    ;;
+*)
+    echo "usage: bash benchmarks/device_check.sh wheels|run" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,51 @@
+"""benchmarks/bench_training.py, the figures that plan a detector's training on a GPU: its timing runs
+real training steps of each detector layout and says what they cost."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from models.networks import render_heatmap
+from models.training_runs import PatchSet
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def patches() -> PatchSet:
+    rng = np.random.default_rng(0)
+    images = rng.integers(-1000, 100, (2, 64, 64, 64)).astype(np.int16)
+    heat = render_heatmap((64, 64, 64), [(32.0, 30.0, 33.0)], sigma=2.0, stride=1)
+    heatmaps = np.stack([np.rint(heat * 255).astype(np.uint8)] * 2)
+    return PatchSet(images, heatmaps, "detector", augmented=True, seed=0)
+
+
+def test_step_timing_trains_the_layout_it_names(bench: ModuleType, patches: PatchSet) -> None:
+    torch.manual_seed(0)
+    plain = bench.time_steps(patches, 0, torch.device("cpu"), batch=2, steps=1, warmup=1)
+    timing = bench.time_steps(patches, 8, torch.device("cpu"), batch=2, steps=1, warmup=1)
+    assert timing.parameters > plain.parameters  # the stem is there
+    assert timing.stem_channels == 8 and timing.batch == 2 and timing.peak_gpu_mb is None
+    assert timing.seconds_per_step > 0
+    assert timing.epoch_minutes(120) == pytest.approx(120 / timing.cubes_per_second / 60)
+
+
+def test_augmentation_rate_counts_cubes(bench: ModuleType, patches: PatchSet) -> None:
+    assert bench.augmented_cubes_per_second(patches, count=3) > 0
