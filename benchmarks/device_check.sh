@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 3 in one call of a lent GPU machine (see the device tool's README).
+# The GPU work of issue 3, each in one call of a lent GPU machine (see the device tool's README).
 # That machine's python3 holds PyTorch with CUDA, numpy, scipy, matplotlib and tqdm, and can fetch
 # nothing: SimpleITK and pydicom travel as wheels in .whl/ (git-ignored; about 55 MB of the 64 MiB
 # that a call may carry, so carry nothing else).
 #
 #   here:  bash benchmarks/device_check.sh wheels
 #   there: bash benchmarks/device_check.sh run        (carry [".whl"]; about 3 minutes)
+#   there: bash benchmarks/device_check.sh pretrain   (carry [".whl"]; MINUTES, default 7, and 1 more)
 #
 # `run` prints the GPU, the whole pipeline's time on the 512 x 512 x 300 CT on that machine's CPU and
 # on its GPU (goal: at most 5 s), and what a training step of the detector costs there, with and
 # without a full-resolution stem.
+# `pretrain` trains a detector with a full-resolution stem (STEM channels, default 16; batches of
+# BATCH, default 16) from scratch on the synthetic cases for MINUTES, case building included
+# (models/pretraining.py), and leaves its best.pt, log.jsonl and curves.png in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+install_wheels() {
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "no wheels in .whl/: run 'bash benchmarks/device_check.sh wheels' here and carry .whl" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+}
 
 case "${1:-}" in
 wheels)
@@ -24,20 +38,23 @@ wheels)
     du -sh .whl
     ;;
 run)
-    if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "no wheels in .whl/: run 'bash benchmarks/device_check.sh wheels' here and carry .whl" >&2
-        exit 2
-    fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    install_wheels
     # The same machine's CPU first: the GPU's figure beside a peer measured in the same run.
     python3 benchmarks/bench_pipeline.py --device cpu
     python3 benchmarks/bench_pipeline.py --device cuda
     python3 benchmarks/bench_training.py --device cuda
     ;;
+pretrain)
+    install_wheels
+    out="${OUT:-var/pretraining/out}"
+    mkdir -p "$out"
+    python3 -m models.pretraining --out /tmp/pretraining --stem-channels "${STEM:-16}" \
+        --minutes "${MINUTES:-7}" --batch "${BATCH:-16}" --loader-workers "$(($(nproc) - 2))"
+    cp /tmp/pretraining/runs/detector-synthetic/{best.pt,log.jsonl,curves.png} "$out/"
+    ls -l "$out"
+    ;;
 *)
-    echo "usage: bash benchmarks/device_check.sh wheels|run" >&2
+    echo "usage: bash benchmarks/device_check.sh wheels|run|pretrain" >&2
     exit 2
     ;;
 esac

@@ -191,6 +191,12 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
     help="Go on from the shipped networks instead of from scratch; each stays shipped unless beaten.",
 )
 @click.option(
+    "--start-from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Go on from this checkpoint of one network (e.g. a detector pretrained on a GPU, "
+    "models/pretraining.py); the shipped network stays unless beaten.",
+)
+@click.option(
     "--compare-scratch/--no-compare-scratch",
     default=True,
     show_default=True,
@@ -212,6 +218,7 @@ def train(
     compare_scratch: bool,
     ship: bool,
     from_shipped: bool,
+    start_from: Path | None,
     workers: int | None,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
@@ -226,17 +233,24 @@ def train(
         pretrain_epochs=default.pretrain_epochs if pretrain_epochs is None else pretrain_epochs,
         finetune_epochs=default.finetune_epochs if finetune_epochs is None else finetune_epochs,
     )
+    chosen = [n.strip() for n in networks.split(",")]
+    if start_from is not None and (from_shipped or len(chosen) != 1):
+        raise click.BadParameter(
+            "a checkpoint is one network's: name it alone in --networks, without --from-shipped",
+            param_hint="--start-from",
+        )
     if budget.pretrain_epochs + budget.finetune_epochs == 0:
         raise click.BadParameter(
             "nothing to train: both stages have 0 epochs", param_hint="--pretrain-epochs"
         )
     summary = train_all(
         data_dir,
-        [n.strip() for n in networks.split(",")],
+        chosen,
         budget,
         compare_scratch=compare_scratch,
         ship_weights=ship,
         from_shipped=from_shipped,
+        start_from=start_from,
         workers=workers or default_workers(),
         progress=_echo_progress(started),
     )

@@ -56,14 +56,15 @@ def lidc_series_dir(case_name: str) -> Path:
     return xmls[0].parent
 
 
-def split_sources(split: str) -> list[CaseSource]:
+def split_sources(split: str, kind: str | None = None) -> list[CaseSource]:
+    """The split's cases, or those of one kind ("synthetic" needs no LIDC background)."""
     first_synthetic, n_synthetic, first_insertion, n_insertion = SPLITS[split]
     sources = [CaseSource("synthetic", first_synthetic + i) for i in range(n_synthetic)]
     sources += [
         CaseSource("insertion", first_insertion + i, LIDC_CASES[i % len(LIDC_CASES)])
         for i in range(n_insertion)
     ]
-    return sources
+    return [source for source in sources if kind is None or source.kind == kind]
 
 
 class Backgrounds:
@@ -101,15 +102,17 @@ def build_shards(
     split: str,
     out_dir: Path,
     *,
+    kind: str | None = None,
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[Path]:
-    """One shard per case of the split in out_dir/split/; shards already there are kept (a cache).
-    `workers` processes build the missing ones side by side (each case is built on its own, from its
-    own seed, so the shards are the same whatever the number of workers)."""
+    """One shard per case of the split (or of its cases of one `kind`) in out_dir/split/; shards
+    already there are kept (a cache). `workers` processes build the missing ones side by side (each
+    case is built on its own, from its own seed, so the shards are the same whatever the number of
+    workers)."""
     folder = out_dir / split
     folder.mkdir(parents=True, exist_ok=True)
-    sources = split_sources(split)
+    sources = split_sources(split, kind)
     paths = [folder / f"{source.name}.npz" for source in sources]
     missing = [(source, path) for source, path in zip(sources, paths, strict=True) if not path.exists()]
     in_processes(_build_shard, missing, workers, f"{split}: building", progress)

@@ -54,10 +54,11 @@ def validation_cases(
     progress: Callable[[str], None] = lambda message: None,
     workers: int = 1,
     limit: int = 0,
+    kind: str | None = None,
 ) -> list[ValidationCase]:
-    """The split's cases (the first `limit`, when given), resampled and with their lungs, ready for
-    `candidate_cpm` epoch after epoch; made in `workers` processes."""
-    jobs = [(source,) for source in split_sources(split)[: limit or None]]
+    """The split's cases (of one `kind`, and the first `limit`, when given), resampled and with their
+    lungs, ready for `candidate_cpm` epoch after epoch; made in `workers` processes."""
+    jobs = [(source,) for source in split_sources(split, kind)[: limit or None]]
     doing = f"{split} scans for the detector's metric:"
     return in_processes(_validation_case, jobs, workers, doing, progress)
 
@@ -89,8 +90,12 @@ def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
 
 
 def candidate_judge(
-    split: str = "validation", progress: Callable[[str], None] = lambda message: None, workers: int = 1
+    split: str = "validation",
+    progress: Callable[[str], None] = lambda message: None,
+    workers: int = 1,
+    kind: str | None = None,
 ) -> Callable[[nn.Module], float]:
-    """`candidate_cpm` on the split's cases, loaded once (in `workers` processes)."""
-    cases = validation_cases(split, progress, workers)
+    """`candidate_cpm` on the split's cases (of one `kind`, when given), loaded once (in `workers`
+    processes)."""
+    cases = validation_cases(split, progress, workers, kind=kind)
     return lambda detector: candidate_cpm(detector, cases)

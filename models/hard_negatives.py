@@ -66,7 +66,7 @@ def detector_tag(detector_path: Path) -> str:
 
 
 def mining_sources(split: str) -> list[CaseSource]:
-    return [source for source in split_sources(split) if source.kind == "synthetic"]
+    return split_sources(split, "synthetic")
 
 
 def candidate_label(point_mm: npt.ArrayLike, truth: ScanTruth) -> int | None:

@@ -57,7 +57,10 @@ class TrainConfig:
     patience: int | None = 10  # epochs without improvement before stopping; None: never stop early
     min_delta: float = 0.0  # improvement smaller than this does not count
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes that augment batches beside the training
+    # time.monotonic() after which no epoch starts that would end past it, judged by the longest one so
+    # far; the first epoch of a call always runs (so that there is a best checkpoint)
+    deadline: float | None = None
     device: str | None = None  # None: CUDA when available, else CPU
     amp: bool = True  # bfloat16 autocast, on CUDA only
     deterministic: bool = True  # cuDNN deterministic algorithms, no autotuning
@@ -313,8 +316,16 @@ def train(
     def patience_spent() -> bool:
         return config.patience is not None and stale >= config.patience
 
+    longest_epoch, out_of_time = 0.0, False
     for epoch in range(len(history) + 1, config.epochs + 1):
         if patience_spent():
+            break
+        if (
+            longest_epoch
+            and config.deadline is not None
+            and time.monotonic() + longest_epoch > config.deadline
+        ):
+            out_of_time = True
             break
         start = time.perf_counter()
         seed_everything(config.seed * 100_003 + epoch)  # also fixes the shuffle and worker seeds
@@ -338,6 +349,7 @@ def train(
             "seconds": round(time.perf_counter() - start, 3),
         }
         history.append(record)
+        longest_epoch = max(longest_epoch, record["seconds"])
         with paths["log.jsonl"].open("a") as log:
             log.write(json.dumps(record) + "\n")
 
@@ -359,7 +371,7 @@ def train(
         best_epoch=best_epoch,
         best_metric=best_metric,
         epochs_run=len(history),
-        stopped_early=patience_spent() and len(history) < config.epochs,
+        stopped_early=(patience_spent() or out_of_time) and len(history) < config.epochs,
         best_path=paths["best.pt"],
         last_path=paths["last.pt"],
         log_path=paths["log.jsonl"],

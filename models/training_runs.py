@@ -11,7 +11,8 @@ Stages, each a `models.training.train` run with its own folder of checkpoints, l
 
 With `from_shipped`, the first stage starts from the shipped network instead of from scratch (training
 continued), and the shipped network's own validation metric is the one to beat: it stays shipped
-unless a stage does better.
+unless a stage does better. With `start_from`, it starts from a checkpoint of another run (such as a
+detector pretrained on a GPU, `models.pretraining`), and the shipped network is still the one to beat.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from models.augmentation import AugmentConfig, augment
 from models.networks import (
@@ -62,7 +63,9 @@ class PatchSet(Dataset[tuple[Tensor, Tensor]]):
         seed: int,
     ) -> None:
         self.images, self.targets, self.kind, self.augmented = images, targets, kind, augmented
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._worker_seed: int | None = None
         self.config = AugmentConfig(target_kind="heatmap" if kind == "detector" else "mask")
 
     def __len__(self) -> int:
@@ -73,12 +76,12 @@ class PatchSet(Dataset[tuple[Tensor, Tensor]]):
         if self.kind == "classifier":
             target: npt.NDArray[np.float32] = np.asarray([self.targets[index]], np.float32)
             if self.augmented:
-                image, _ = augment(image, None, self.rng, self.config)
+                image, _ = augment(image, None, self._random(), self.config)
         else:
             dense = self.targets[index]
             dense = dense.astype(np.float32) / 255 if self.kind == "detector" else dense.astype(bool)
             if self.augmented:
-                image, dense = augment(image, dense, self.rng, self.config)
+                image, dense = augment(image, dense, self._random(), self.config)
             target = (
                 _stride2_peaks(dense.astype(np.float32))
                 if self.kind == "detector"
@@ -88,6 +91,16 @@ class PatchSet(Dataset[tuple[Tensor, Tensor]]):
         return torch.from_numpy(np.ascontiguousarray(image[None], np.float32)), torch.from_numpy(
             np.ascontiguousarray(target, np.float32)
         )
+
+    def _random(self) -> np.random.Generator:
+        """The augmentation's random stream. A loader process gets a copy of this set as it was, so it
+        draws a stream of its own from the seed PyTorch gives it (another each process and epoch):
+        else every process would repeat the same augmentations, epoch after epoch."""
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            self.rng = np.random.default_rng([self.seed, worker.seed])
+            self._worker_seed = worker.seed
+        return self.rng
 
 
 def _stride2_peaks(heatmap: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -212,6 +225,8 @@ class Budget:
     lr: float = 1e-3
     finetune_lr: float = 3e-4
     patience: int = 4
+    loader_workers: int = 0  # processes that augment batches beside the training (a GPU wants many)
+    deadline: float | None = None  # see `TrainConfig.deadline`
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,8 @@ def train_network(
             lr=stage.lr * recipe.lr_scale,
             patience=budget.patience,
             seed=seed + index,
+            num_workers=budget.loader_workers,
+            deadline=budget.deadline,
             metadata={"stage": stage.name, **(metadata or {})},
         )
         result = train(
@@ -272,6 +289,20 @@ def train_network(
         model, _ = load_model(result.best_path)
         results.append((stage.name, result))
     return results
+
+
+def checkpoint_start(recipe: NetworkRecipe, checkpoint: Path) -> nn.Module:
+    """The network saved at `checkpoint`, to go on from: grown into the recipe's network where that has
+    more layers, else as it was saved (a detector pretrained with a stem that the recipe's lacks
+    keeps it)."""
+    saved, _ = load_model(checkpoint)
+    model = recipe.make()
+    if type(saved) is not type(model):
+        raise TypeError(f"{checkpoint} holds a {type(saved).__name__}, not a {type(model).__name__}")
+    try:
+        return grow(model, saved)
+    except ValueError:  # the checkpoint has layers that the recipe's network lacks
+        return saved
 
 
 def shipped_start(
@@ -360,6 +391,7 @@ def train_all(
     compare_scratch: bool,
     ship_weights: bool,
     from_shipped: bool = False,
+    start_from: Path | None = None,
     weights_dir: Path | None = None,
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
@@ -423,10 +455,17 @@ def train_all(
             from models.detector_validation import candidate_judge
 
             judge = candidate_judge("validation", progress, workers)
-        start = None
-        if from_shipped:
-            start, entry["continued_from"] = shipped_start(recipe, weights, sets["validation"], judge)
-            progress(f"{name}: going on from the shipped network ({entry['continued_from']})")
+        start, to_beat = None, None
+        if from_shipped or start_from is not None:
+            start, measured = shipped_start(recipe, weights, sets["validation"], judge)
+            to_beat = measured["validation_metric"]
+            entry["continued_from"] = measured
+            if start_from is not None:
+                start = checkpoint_start(recipe, start_from)
+                entry["continued_from"] = {"checkpoint": str(start_from), "shipped": measured}
+            progress(
+                f"{name}: going on from {entry['continued_from']}; the shipped network's {to_beat} to beat"
+            )
         progress(f"{name}: " + ", then ".join(f"{s.epochs} epochs on {s.name}" for s in stages))
         runs = train_network(
             recipe,
@@ -457,7 +496,7 @@ def train_all(
                 data_dir / "runs" / f"{name}-stages.png",
                 metric=recipe.metric_name,
                 continued=continued,
-                to_beat=entry["continued_from"]["validation_metric"] if from_shipped else None,
+                to_beat=to_beat,
             )
         )
         if compare_scratch:
@@ -468,7 +507,7 @@ def train_all(
         best_stage, chosen = max(runs, key=lambda run: run[1].best_metric)
         entry["best_stage"] = best_stage
         entry["best_metric"] = round(chosen.best_metric, 4)
-        if from_shipped and entry["best_metric"] <= entry["continued_from"]["validation_metric"]:
+        if to_beat is not None and entry["best_metric"] <= to_beat:
             progress(f"{name}: no stage beat the shipped network on validation; it stays shipped")
         elif ship_weights:
             shipped = ship(
