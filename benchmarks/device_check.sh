@@ -5,7 +5,7 @@
 # that a call may carry, so carry nothing else).
 #
 #   here:  bash benchmarks/device_check.sh wheels
-#   there: bash benchmarks/device_check.sh run        (carry [".whl"]; about 3 minutes)
+#   there: bash benchmarks/device_check.sh run        (carry [".whl"]; 3 minutes or so, not yet timed)
 #   there: bash benchmarks/device_check.sh pretrain   (carry [".whl"]; MINUTES, default 7, and 1 more)
 #
 # `run` prints the GPU, the whole pipeline's time on the 512 x 512 x 300 CT on that machine's CPU and
