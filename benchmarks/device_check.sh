@@ -13,7 +13,9 @@
 # without a full-resolution stem.
 # `pretrain` trains a detector with a full-resolution stem (STEM channels, default 16; batches of
 # BATCH, default 16) from scratch on the synthetic cases for MINUTES, case building included
-# (models/pretraining.py), and leaves its best.pt, log.jsonl and curves.png in $OUT.
+# (models/pretraining.py), and leaves its best.pt, log.jsonl and curves.png in $OUT. Its cosine
+# learning rate spans EPOCHS (default 30; size it from `run`'s step times), which MINUTES or
+# PATIENCE (default 8 epochs without a better validation CPM) may cut short.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +51,8 @@ pretrain)
     out="${OUT:-var/pretraining/out}"
     mkdir -p "$out"
     python3 -m models.pretraining --out /tmp/pretraining --stem-channels "${STEM:-16}" \
-        --minutes "${MINUTES:-7}" --batch "${BATCH:-16}" --loader-workers "$(($(nproc) - 2))"
+        --minutes "${MINUTES:-7}" --epochs "${EPOCHS:-30}" --patience "${PATIENCE:-8}" \
+        --batch "${BATCH:-16}" --loader-workers "$(($(nproc) - 2))"
     cp /tmp/pretraining/runs/detector-synthetic/{best.pt,log.jsonl,curves.png} "$out/"
     ls -l "$out"
     ;;
