@@ -296,11 +296,8 @@ def checkpoint_start(recipe: NetworkRecipe, checkpoint: Path) -> nn.Module:
     more layers, else as it was saved (a detector pretrained with a stem that the recipe's lacks
     keeps it)."""
     saved, _ = load_model(checkpoint)
-    model = recipe.make()
-    if type(saved) is not type(model):
-        raise TypeError(f"{checkpoint} holds a {type(saved).__name__}, not a {type(model).__name__}")
     try:
-        return grow(model, saved)
+        return grow(recipe.make(), saved)  # a TypeError where `saved` is another kind of network
     except ValueError:  # the checkpoint has layers that the recipe's network lacks
         return saved
 

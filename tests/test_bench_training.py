@@ -3,9 +3,6 @@ real training steps of each detector layout and says what they cost."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -14,18 +11,12 @@ import torch
 
 from models.networks import render_heatmap
 from models.training_runs import PatchSet
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_training")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ asked for."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -14,8 +12,8 @@ import pytest
 from models.detector_validation import ValidationCase
 from models.evaluation import ScanTruth, Target
 from models.volume import Volume
+from tests.benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "detector_heat.py"
 SHAPE = (64, 64, 64)
 NODULE_KJI = (32, 32, 32)
 EMPTY_KJI = (32, 32, 12)
@@ -23,11 +21,7 @@ EMPTY_KJI = (32, 32, 12)
 
 @pytest.fixture(scope="module")
 def detector_heat() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("detector_heat", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("detector_heat")
 
 
 def _lung(contrast_hu: float, vessel_hu: float = 0.0) -> tuple[ValidationCase, dict[str, Target]]:
