@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from models.datasets import SPLITS, build_shards, default_workers, load_shards
+from models.datasets import build_shards, default_workers, load_shards
 from models.detector_validation import candidate_judge
 from models.networks import CandidateDetector, DetectorConfig
 from models.training import TrainResult
-from models.training_runs import MODEL_VERSION, RECIPES, Budget, Stage, train_network
+from models.training_runs import MODEL_VERSION, RECIPES, Budget, Stage, data_record, train_network
 
 
 def pretrain_detector(
@@ -48,19 +48,13 @@ def pretrain_detector(
     progress(
         f"detector with a stem of {stem_channels} channels: {stage.epochs} epochs on the synthetic cases"
     )
-    data = {
-        "synthetic_cases": SPLITS["train"][1],
-        "insertion_cases": 0,
-        "validation_cases": SPLITS["validation"][1],
-        "seeds": {split: {"synthetic_from": s[0]} for split, s in SPLITS.items()},
-    }
     [(_, result)] = train_network(
         recipe,
         [stage],
         load_shards(validation_paths),
         data_dir / "runs",
         budget,
-        metadata={"version": MODEL_VERSION, "data": data, "pretraining_only": True},
+        metadata={"version": MODEL_VERSION, "data": data_record("synthetic"), "pretraining_only": True},
         model_metric=judge,
     )
     return result

@@ -347,6 +347,25 @@ def stamp_version(weights_dir: Path, version: str) -> None:
             save_model(model, path, {**metadata, "version": version, "trained_in": trained_in}, half=True)
 
 
+def data_record(kind: str | None = None) -> dict[str, Any]:
+    """What a run learns from, for its weights' metadata: the cases of the training and validation
+    splits (of one `kind` only, when given: see `models.datasets.split_sources`) and each split's
+    first seeds."""
+    from models.datasets import SPLITS, split_sources
+
+    train = split_sources("train", kind)
+    kinds = ("synthetic", "insertion") if kind is None else (kind,)
+    first_seed = {"synthetic": 0, "insertion": 2}  # where each kind's first seed sits in a SPLITS entry
+    return {
+        "synthetic_cases": sum(source.kind == "synthetic" for source in train),
+        "insertion_cases": sum(source.kind == "insertion" for source in train),
+        "validation_cases": len(split_sources("validation", kind)),
+        "seeds": {
+            split: {f"{k}_from": entry[first_seed[k]] for k in kinds} for split, entry in SPLITS.items()
+        },
+    }
+
+
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
@@ -395,7 +414,7 @@ def train_all(
 ) -> dict[str, Any]:
     """Build (or reuse) the shards in `workers` processes, train each network, and ship the best
     weights with their metadata."""
-    from models.datasets import SPLITS, build_shards, load_shards
+    from models.datasets import build_shards, load_shards
     from models.pipeline import WEIGHTS_DIR
 
     unknown = sorted(set(networks) - set(RECIPES))
@@ -409,12 +428,7 @@ def train_all(
     validation = load_shards(build_shards("validation", shard_dir, workers=workers, progress=progress))
     synthetic = load_shards([p for p in train_paths if p.name.startswith("synthetic")])
     real = load_shards([p for p in train_paths if p.name.startswith("insertion")])
-    data = {
-        "synthetic_cases": SPLITS["train"][1],
-        "insertion_cases": SPLITS["train"][3],
-        "validation_cases": SPLITS["validation"][1] + SPLITS["validation"][3],
-        "seeds": {split: {"synthetic_from": s[0], "insertion_from": s[2]} for split, s in SPLITS.items()},
-    }
+    data = data_record()
     summary: dict[str, Any] = {
         "version": MODEL_VERSION,
         "budget": budget.__dict__,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from models import datasets
 from models.networks import CandidateDetector, FalsePositiveClassifier, load_model, save_model
 from models.pretraining import pretrain_detector
-from models.training_runs import RECIPES, Budget, PatchSet, checkpoint_start
+from models.training_runs import RECIPES, Budget, PatchSet, checkpoint_start, data_record
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,30 @@ def test_pretraining_trains_the_stem_it_is_asked_for_on_synthetic_cases_only(dat
     classifier = save_model(FalsePositiveClassifier(), data_dir / "classifier.pt", {"version": "test"})
     with pytest.raises(TypeError, match="FalsePositiveClassifier"):
         checkpoint_start(RECIPES["detector"], classifier)
+
+
+def test_the_weights_record_the_cases_their_run_learnt_from(data_dir: Path) -> None:
+    # `cad-node train` learns from both kinds of case; the pretraining from the synthetic ones alone.
+    assert data_record() == {
+        "synthetic_cases": 1,
+        "insertion_cases": 30,
+        "validation_cases": 5,
+        "seeds": {
+            "train": {"synthetic_from": 1000, "insertion_from": 2000},
+            "validation": {"synthetic_from": 3000, "insertion_from": 3100},
+            "test": {"synthetic_from": 4000, "insertion_from": 4100},
+        },
+    }
+    assert data_record("synthetic") == {
+        "synthetic_cases": 1,
+        "insertion_cases": 0,
+        "validation_cases": 1,
+        "seeds": {
+            "train": {"synthetic_from": 1000},
+            "validation": {"synthetic_from": 3000},
+            "test": {"synthetic_from": 4000},
+        },
+    }
 
 
 def test_pretraining_starts_no_epoch_past_its_deadline(data_dir: Path) -> None:
