@@ -27,8 +27,9 @@ from models.training import TrainConfig, choose_device, seed_everything, train_s
 from models.training_data import Shard, shard_from_case
 from models.training_runs import PatchSet
 
-# The detector's training cubes in the shipped recipe: synthetic cases and insertions (docs/pipeline.md).
-RECIPE_CUBES = 2270
+# The detector's training cubes in the shipped recipe: the shards of the 60 synthetic training cases
+# and the 30 insertions hold 1,622 and 551 (counted 2026-12-06; docs/pipeline.md).
+RECIPE_CUBES = 2173
 STEM_CHANNELS = (0, 8, 16)
 
 
