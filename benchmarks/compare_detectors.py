@@ -1,6 +1,6 @@
 """Two detectors' candidates on the same scans: each one's CPM (as `cad-node train` judges a detector,
-`models.detector_validation`) and the difference with its 95 % paired bootstrap interval, which says
-whether these scans can tell the two apart at all.
+`models.detector_validation`), by nodule type and size, and the difference of the two CPMs with its 95 %
+paired bootstrap interval, which says whether these scans can tell the two apart at all.
 
     .venv/bin/python benchmarks/compare_detectors.py A.pt B.pt [--split validation] [--cases N] [--workers N]
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from models.datasets import SPLITS, default_workers
-from models.detector_validation import candidate_matches, validation_cases
-from models.evaluation import cpm_difference
+from models.detector_validation import CANDIDATE_RULES, candidate_matches, validation_cases
+from models.evaluation import build_report, cpm_difference
 from models.networks import load_model
 
 
@@ -44,6 +44,9 @@ def main() -> None:
     )
     print(f"A {args.baseline}: {compared.a:.3f}")
     print(f"B {args.candidate}: {compared.b:.3f}")
+    for label, found in zip("AB", matches, strict=True):
+        groups = [g for g in build_report(found, rules=CANDIDATE_RULES).groups if g.targets]
+        print(f"{label} by group: " + "  ".join(f"{g.name} {g.froc.cpm:.3f} ({g.targets})" for g in groups))
     low, high = compared.ci
     print(
         f"B - A: {compared.difference:+.3f} "
