@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from models.datasets import SPLITS, default_workers
-from models.detector_validation import CANDIDATE_RULES, candidate_matches, validation_cases
-from models.evaluation import build_report, cpm_difference
+from models.detector_validation import candidate_matches, cpm_by_group, validation_cases
+from models.evaluation import cpm_difference
 from models.networks import load_model
 
 
@@ -45,8 +45,7 @@ def main() -> None:
     print(f"A {args.baseline}: {compared.a:.3f}")
     print(f"B {args.candidate}: {compared.b:.3f}")
     for label, found in zip("AB", matches, strict=True):
-        groups = [g for g in build_report(found, rules=CANDIDATE_RULES).groups if g.targets]
-        print(f"{label} by group: " + "  ".join(f"{g.name} {g.froc.cpm:.3f} ({g.targets})" for g in groups))
+        print(f"{label} by group: {cpm_by_group(found)}")
     low, high = compared.ci
     print(
         f"B - A: {compared.difference:+.3f} "

@@ -17,8 +17,8 @@ import numpy.typing as npt
 from inference_variants import flipped_heatmap
 
 from models.datasets import SPLITS, Backgrounds, make_case, split_sources
-from models.detector_validation import CANDIDATE_FLOOR, CANDIDATE_RULES
-from models.evaluation import Detection, ScanMatch, build_report, match_scan
+from models.detector_validation import CANDIDATE_FLOOR, CANDIDATE_RULES, cpm_by_group
+from models.evaluation import Detection, ScanMatch, match_scan
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.pipeline import Pipeline, candidate_region, detect, heatmap_peaks, spaced_apart
@@ -80,8 +80,7 @@ def main() -> None:
             matches[name].append(match_scan(truth, merged(passes), CANDIDATE_RULES))
     print(f"\n{args.split}: {len(sources)} scans; candidates' CPM (hit radius at least 3 mm)")
     for name, found in matches.items():
-        report = build_report(found, rules=CANDIDATE_RULES)
-        print(f"{name:22s} " + "  ".join(f"{g.name} {g.froc.cpm:.3f}" for g in report.groups))
+        print(f"{name:22s} {cpm_by_group(found)}")
     print(
         "seconds a scan, resampling and lungs included: "
         + ", ".join(f"{name} {spent / len(sources):.1f}" for name, spent in seconds.items())

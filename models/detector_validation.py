@@ -89,6 +89,12 @@ def candidate_cpm(detector: nn.Module, cases: list[ValidationCase]) -> float:
     return float(build_report(matches, rules=CANDIDATE_RULES).group("all").froc.cpm)
 
 
+def cpm_by_group(matches: list[ScanMatch]) -> str:
+    """The candidates' CPM of each nodule type and size that the scans hold, with its number of nodules."""
+    groups = [g for g in build_report(matches, rules=CANDIDATE_RULES).groups if g.targets]
+    return "  ".join(f"{g.name} {g.froc.cpm:.3f} ({g.targets})" for g in groups)
+
+
 def candidate_judge(
     split: str = "validation",
     progress: Callable[[str], None] = lambda message: None,

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from models.detector_validation import ValidationCase, candidate_cpm
+from models.detector_validation import ValidationCase, candidate_cpm, candidate_matches, cpm_by_group
 from models.evaluation_runs import truth_of
 from models.networks import load_model
 from models.pipeline import WEIGHTS_DIR
@@ -38,3 +38,12 @@ def test_only_a_detector_is_judged(scan: ValidationCase) -> None:
     classifier, _ = load_model(WEIGHTS_DIR / "classifier.pt")
     with pytest.raises(TypeError, match="CandidateDetector"):
         candidate_cpm(classifier, [scan])
+
+
+def test_the_cpm_by_group_names_only_groups_the_scans_hold_with_their_nodules(scan: ValidationCase) -> None:
+    detector, _ = load_model(WEIGHTS_DIR / "detector.pt")
+    line = cpm_by_group(candidate_matches(detector, [scan]))
+    assert line.startswith(f"all {candidate_cpm(detector, [scan]):.3f} (")
+    counts = [int(part.split("(")[1].rstrip(")")) for part in line.split("  ")]
+    assert len(counts) >= 3 and all(count >= 1 for count in counts)
+    assert counts[0] == max(counts)  # every nodule is in "all"
