@@ -2,7 +2,8 @@
 starts (docs/pipeline.md: a detector with features at full resolution, trained from scratch, is what
 the CPM needs, and a 2-core CPU cannot train it within a session).
 
-It prints, for the shipped detector's layout and with a full-resolution stem of 8 and 16 channels:
+It prints, for the shipped detector's layout, with a full-resolution stem of 8 and 16 channels, and
+with twice its channels (what `models.pretraining` trains by default):
 the seconds of one training step (forward, backward and Adam, on a batch of 64^3 cubes, with the
 training's own bfloat16 autocast on CUDA), the cubes a second that makes, and an epoch's minutes for
 the recipe's number of cubes; and how many cubes a second one loader process augments, which says
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from models.networks import CandidateDetector, DetectorConfig, count_parameters, heatmap_loss
+from models.pretraining import WIDER_CHANNELS
 from models.synthetic.cases import synthesize_case
 from models.training import TrainConfig, choose_device, seed_everything, train_step
 from models.training_data import Shard, shard_from_case
@@ -30,12 +32,17 @@ from models.training_runs import PatchSet
 # The detector's training cubes in the shipped recipe: the shards of the 60 synthetic training cases
 # and the 30 insertions hold 1,622 and 551 (counted 2026-12-06; docs/pipeline.md).
 RECIPE_CUBES = 2173
-STEM_CHANNELS = (0, 8, 16)
+LAYOUTS = {
+    "shipped layout": DetectorConfig(),
+    "stem of 8": DetectorConfig(full_resolution_channels=8),
+    "stem of 16": DetectorConfig(full_resolution_channels=16),
+    "channels " + " ".join(map(str, WIDER_CHANNELS)): DetectorConfig(channels=WIDER_CHANNELS),
+}
 
 
 @dataclass(frozen=True)
 class StepTiming:
-    stem_channels: int
+    layout: str
     parameters: int
     seconds_per_step: float
     batch: int
@@ -61,11 +68,12 @@ def augmented_cubes_per_second(patches: PatchSet, count: int) -> float:
 
 
 def time_steps(
-    patches: PatchSet, stem_channels: int, device: torch.device, batch: int, steps: int, warmup: int = 3
+    patches: PatchSet, layout: str, device: torch.device, batch: int, steps: int, warmup: int = 3
 ) -> StepTiming:
-    """Seconds per training step of a fresh detector on one fixed batch (the loader left out)."""
+    """Seconds per training step of a fresh detector of `LAYOUTS[layout]` on one fixed batch (the
+    loader left out)."""
     seed_everything(0)
-    model = CandidateDetector(DetectorConfig(full_resolution_channels=stem_channels)).to(device)
+    model = CandidateDetector(LAYOUTS[layout]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     items = [patches[i % len(patches)] for i in range(batch)]
     inputs, targets = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
@@ -81,7 +89,7 @@ def time_steps(
         train_step(model, inputs, targets, heatmap_loss, optimizer, config)  # .item() synchronises
     seconds = (time.perf_counter() - started) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return StepTiming(stem_channels, count_parameters(model), seconds, batch, peak)
+    return StepTiming(layout, count_parameters(model), seconds, batch, peak)
 
 
 def main() -> None:
@@ -105,12 +113,12 @@ def main() -> None:
     rate = augmented_cubes_per_second(patches, count=2 * len(patches))
     print(f"augmentation: {rate:.1f} cubes/s in one loader process ({len(patches)} cubes of a case)")
     print(f"batches of {args.batch}; an epoch is {RECIPE_CUBES:,} cubes")
-    print("stem channels  parameters  s/step  cubes/s  min/epoch  loader processes to keep up  peak GPU MB")
-    for channels in STEM_CHANNELS:
-        timing = time_steps(patches, channels, device, args.batch, args.steps)
+    print(f"{'layout':<20}  parameters  s/step  cubes/s  min/epoch  loader processes to keep up  peak GPU MB")
+    for layout in LAYOUTS:
+        timing = time_steps(patches, layout, device, args.batch, args.steps)
         memory = f"{timing.peak_gpu_mb:.0f}" if timing.peak_gpu_mb is not None else "-"
         print(
-            f"{channels:>13}  {timing.parameters:>10,}  {timing.seconds_per_step:6.3f}"
+            f"{layout:<20}  {timing.parameters:>10,}  {timing.seconds_per_step:6.3f}"
             f"  {timing.cubes_per_second:7.1f}  {timing.epoch_minutes():9.1f}"
             f"  {timing.cubes_per_second / rate:27.1f}  {memory:>11}"
         )

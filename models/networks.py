@@ -396,9 +396,13 @@ def grow(model: ModelT, smaller: nn.Module) -> ModelT:
     their initialisation."""
     if type(model) is not type(smaller):
         raise TypeError(f"cannot grow a {type(model).__name__} from a {type(smaller).__name__}")
-    extra = model.load_state_dict(smaller.state_dict(), strict=False).unexpected_keys
-    if extra:
+    own = model.state_dict()
+    weights = smaller.state_dict()
+    if extra := [key for key in weights if key not in own]:
         raise ValueError(f"{type(model).__name__} has no {extra}")
+    if reshaped := [key for key in weights if own[key].shape != weights[key].shape]:
+        raise ValueError(f"{type(model).__name__} has {reshaped} in other shapes (other channels)")
+    model.load_state_dict(weights, strict=False)
     return model
 
 

@@ -3,10 +3,10 @@ and judged, epoch after epoch, by its candidates' CPM on the synthetic validatio
 
 It needs no LIDC background, only the code, so a lent GPU machine (which gets the repository and
 nothing beside it) can run it: `bash benchmarks/device_check.sh pretrain`. Fine-tuning with the
-insertions into the LIDC scans then goes on where the data is. Why a detector from scratch, with a
-full-resolution stem, on a GPU: docs/pipeline.md, "What limits the CPM".
+insertions into the LIDC scans then goes on where the data is. Why a detector from scratch, twice as
+wide as the shipped one, on a GPU: docs/pipeline.md, "What limits the CPM".
 
-    python -m models.pretraining --stem-channels 16 --minutes 6 --out var/pretraining
+    python -m models.pretraining --minutes 6 --out var/pretraining
 """
 
 from __future__ import annotations
@@ -25,28 +25,35 @@ from models.networks import CandidateDetector, DetectorConfig
 from models.training import TrainResult
 from models.training_runs import MODEL_VERSION, RECIPES, Budget, Stage, data_record, train_network
 
+# Twice the shipped detector's channels: the one change that has come out ahead of the shipped
+# detector from scratch on the CPU (docs/pipeline.md, "What limits the CPM", item 10).
+WIDER_CHANNELS = (32, 64, 128)
+
 
 def pretrain_detector(
     data_dir: Path,
     budget: Budget,
     *,
     stem_channels: int,
+    channels: tuple[int, int, int] = DetectorConfig.channels,
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
 ) -> TrainResult:
     """`budget.pretrain_epochs` epochs (fewer when `budget.deadline` comes first) of a detector with a
-    full-resolution stem of `stem_channels` (0: the shipped layout); its run under data_dir/runs."""
+    full-resolution stem of `stem_channels` and `channels` at strides 2, 4 and 8 (0 and the default:
+    the shipped layout); its run under data_dir/runs."""
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, kind="synthetic", workers=workers, progress=progress)
     validation_paths = build_shards(
         "validation", shard_dir, kind="synthetic", workers=workers, progress=progress
     )
     judge = candidate_judge("validation", progress, workers, kind="synthetic")
-    config = DetectorConfig(full_resolution_channels=stem_channels)
+    config = DetectorConfig(channels=channels, full_resolution_channels=stem_channels)
     recipe = replace(RECIPES["detector"], make=lambda: CandidateDetector(config))
     stage = Stage("synthetic", load_shards(train_paths), budget.pretrain_epochs, budget.lr)
     progress(
-        f"detector with a stem of {stem_channels} channels: {stage.epochs} epochs on the synthetic cases"
+        f"detector of channels {channels} with a stem of {stem_channels}: "
+        f"{stage.epochs} epochs on the synthetic cases"
     )
     [(_, result)] = train_network(
         recipe,
@@ -65,7 +72,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("var/pretraining"), help="shards and the run")
-    parser.add_argument("--stem-channels", type=int, default=16)
+    parser.add_argument("--stem-channels", type=int, default=0, help="0: no full-resolution stem")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs=3,
+        default=list(WIDER_CHANNELS),
+        metavar=("S2", "S4", "S8"),
+        help="the detector's channels at strides 2, 4 and 8 (the shipped layout's: 16 32 64)",
+    )
     parser.add_argument("--epochs", type=int, default=100, help="at most this many")
     parser.add_argument("--minutes", type=float, default=None, help="start no epoch that would end later")
     parser.add_argument("--batch", type=int, default=8)
@@ -78,13 +93,15 @@ def main() -> None:
     args = parser.parse_args()
     if (
         args.stem_channels < 0
+        or min(args.channels) < 1
         or args.epochs < 1
         or args.batch < 1
         or args.workers < 1
         or args.loader_workers < 0
     ):
         parser.error(
-            "--stem-channels and --loader-workers must be at least 0; --epochs, --batch, --workers 1"
+            "--stem-channels and --loader-workers must be at least 0; --channels, --epochs, --batch "
+            "and --workers at least 1"
         )
     started = time.monotonic()
 
@@ -102,7 +119,12 @@ def main() -> None:
         deadline=None if args.minutes is None else started + 60 * args.minutes,
     )
     result = pretrain_detector(
-        args.out, budget, stem_channels=args.stem_channels, workers=args.workers, progress=progress
+        args.out,
+        budget,
+        stem_channels=args.stem_channels,
+        channels=tuple(args.channels),
+        workers=args.workers,
+        progress=progress,
     )
     summary = {
         "best_epoch": result.best_epoch,

@@ -293,12 +293,12 @@ def train_network(
 
 def checkpoint_start(recipe: NetworkRecipe, checkpoint: Path) -> nn.Module:
     """The network saved at `checkpoint`, to go on from: grown into the recipe's network where that has
-    more layers, else as it was saved (a detector pretrained with a stem that the recipe's lacks
-    keeps it)."""
+    more layers, else as it was saved (a detector pretrained with a stem or with channels that the
+    recipe's lacks keeps them)."""
     saved, _ = load_model(checkpoint)
     try:
         return grow(recipe.make(), saved)  # a TypeError where `saved` is another kind of network
-    except ValueError:  # the checkpoint has layers that the recipe's network lacks
+    except ValueError:  # the checkpoint has layers or channels that the recipe's network lacks
         return saved
 
 

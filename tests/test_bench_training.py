@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import render_heatmap
+from models.networks import CandidateDetector, count_parameters, render_heatmap
 from models.training_runs import PatchSet
 from tests.benchmark_scripts import load_benchmark
 
@@ -30,10 +30,14 @@ def patches() -> PatchSet:
 
 def test_step_timing_trains_the_layout_it_names(bench: ModuleType, patches: PatchSet) -> None:
     torch.manual_seed(0)
-    plain = bench.time_steps(patches, 0, torch.device("cpu"), batch=2, steps=1, warmup=1)
-    timing = bench.time_steps(patches, 8, torch.device("cpu"), batch=2, steps=1, warmup=1)
-    assert timing.parameters > plain.parameters  # the stem is there
-    assert timing.stem_channels == 8 and timing.batch == 2 and timing.peak_gpu_mb is None
+    plain, stem, wider = (
+        bench.time_steps(patches, layout, torch.device("cpu"), batch=2, steps=1, warmup=1)
+        for layout in ("shipped layout", "stem of 8", "channels 32 64 128")
+    )
+    assert plain.parameters == count_parameters(CandidateDetector())
+    assert plain.parameters < stem.parameters < wider.parameters  # the stem, then the channels, are there
+    timing = stem
+    assert timing.layout == "stem of 8" and timing.batch == 2 and timing.peak_gpu_mb is None
     assert timing.seconds_per_step > 0
     assert timing.epoch_minutes(120) == pytest.approx(120 / timing.cubes_per_second / 60)
 

@@ -191,6 +191,9 @@ def test_a_detector_grown_a_full_resolution_stem_starts_where_it_was_and_learns(
 
     with pytest.raises(ValueError, match="stem"):
         grow(_tiny("CandidateDetector"), grown)
+    wider = CandidateDetector(replace(TINY["CandidateDetector"], channels=(4, 8, 16)))
+    with pytest.raises(ValueError, match="other shapes"):
+        grow(_tiny("CandidateDetector"), wider)
     with pytest.raises(TypeError):
         grow(_tiny("NoduleSegmenter"), small)
 

@@ -1,5 +1,5 @@
 """The detector's pretraining on the synthetic cases alone (what a lent GPU machine runs): a detector
-with the stem it asks for, judged on whole synthetic scans, stopped by its deadline; and loader
+with the stem and channels it asks for, judged on whole synthetic scans, stopped by its deadline; and loader
 processes that each augment differently."""
 
 from __future__ import annotations
@@ -34,22 +34,24 @@ def data_dir(tmp_path: Path, shards: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return tmp_path
 
 
-def test_pretraining_trains_the_stem_it_is_asked_for_on_synthetic_cases_only(data_dir: Path) -> None:
+def test_pretraining_trains_the_detector_it_is_asked_for_on_synthetic_cases_only(data_dir: Path) -> None:
     budget = Budget(pretrain_epochs=2, finetune_epochs=0, batch_size=4, loader_workers=1)
-    result = pretrain_detector(data_dir, budget, stem_channels=4)
+    result = pretrain_detector(data_dir, budget, stem_channels=4, channels=(8, 16, 32))
     assert sorted(p.name for p in (data_dir / "shards" / "train").iterdir()) == ["synthetic-1000.npz"]
     assert sorted(p.name for p in (data_dir / "shards" / "validation").iterdir()) == ["synthetic-3000.npz"]
     model, metadata = load_model(result.best_path)
     assert isinstance(model, CandidateDetector) and model.config.full_resolution_channels == 4
+    assert model.config.channels == (8, 16, 32)
     assert metadata["pretraining_only"] and metadata["data"]["insertion_cases"] == 0
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     assert len(log) == result.epochs_run == 2
     # The epoch's metric is the candidates' CPM on the whole scan; the patch metric is logged beside it.
     assert all(0.0 <= record["val_metric"] <= 1.0 and "patch_metric" in record for record in log)
 
-    # Fine-tuning (`cad-node train --start-from`) goes on from it with its stem, which the recipe lacks.
+    # Fine-tuning (`cad-node train --start-from`) goes on from it with its stem and channels, which the
+    # recipe's detector lacks.
     start = checkpoint_start(RECIPES["detector"], result.best_path)
-    assert isinstance(start, CandidateDetector) and start.config.full_resolution_channels == 4
+    assert isinstance(start, CandidateDetector) and start.config == model.config
     started, saved = start.state_dict(), model.state_dict()
     assert started.keys() == saved.keys() and all(torch.equal(started[k], saved[k]) for k in saved)
     classifier = save_model(FalsePositiveClassifier(), data_dir / "classifier.pt", {"version": "test"})
