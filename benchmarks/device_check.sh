@@ -10,14 +10,13 @@
 #
 # `run` prints the GPU, the whole pipeline's time on the 512 x 512 x 300 CT on that machine's CPU and
 # on its GPU (goal: at most 5 s), and what a training step of the detector costs there, with and
-# without a full-resolution stem.
+# without a full-resolution stem and with twice the channels.
 # `pretrain` trains a detector of CHANNELS at strides 2, 4 and 8 (default "32 64 128", twice the
 # shipped layout's: docs/pipeline.md, "What limits the CPM", item 10) with a full-resolution stem of
-# STEM channels (default 0; batches of BATCH, default 16) from scratch on the synthetic cases for MINUTES, case
-# building included (models/pretraining.py), and leaves its best.pt, log.jsonl and curves.png in
-# $OUT. Its cosine
-# learning rate spans EPOCHS (default 30; size it from `run`'s step times), which MINUTES or
-# PATIENCE (default 8 epochs without a better validation CPM) may cut short.
+# STEM channels (default 0; batches of BATCH, default 16) from scratch on the synthetic cases for
+# MINUTES, case building included (models/pretraining.py), and leaves its best.pt, log.jsonl and
+# curves.png in $OUT. Its cosine learning rate spans EPOCHS (default 30; size it from `run`'s step
+# times), which MINUTES or PATIENCE (default 8 epochs without a better validation CPM) may cut short.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,8 +51,9 @@ pretrain)
     install_wheels
     out="${OUT:-var/pretraining/out}"
     mkdir -p "$out"
-    # shellcheck disable=SC2086 # CHANNELS is three numbers
-    python3 -m models.pretraining --out /tmp/pretraining --stem-channels "${STEM:-0}" --channels ${CHANNELS:-32 64 128} \
+    # Unset, STEM and CHANNELS leave models.pretraining's defaults; CHANNELS is three numbers, unquoted.
+    # shellcheck disable=SC2086
+    python3 -m models.pretraining --out /tmp/pretraining ${STEM:+--stem-channels "$STEM"} ${CHANNELS:+--channels $CHANNELS} \
         --minutes "${MINUTES:-7}" --epochs "${EPOCHS:-30}" --patience "${PATIENCE:-8}" \
         --batch "${BATCH:-16}" --loader-workers "$(($(nproc) - 2))"
     cp /tmp/pretraining/runs/detector-synthetic/{best.pt,log.jsonl,curves.png} "$out/"
