@@ -35,13 +35,13 @@ def pretrain_detector(
     budget: Budget,
     *,
     stem_channels: int,
-    channels: tuple[int, int, int] = DetectorConfig.channels,
+    channels: tuple[int, int, int],
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
 ) -> TrainResult:
     """`budget.pretrain_epochs` epochs (fewer when `budget.deadline` comes first) of a detector with a
-    full-resolution stem of `stem_channels` and `channels` at strides 2, 4 and 8 (0 and the default:
-    the shipped layout); its run under data_dir/runs."""
+    full-resolution stem of `stem_channels` and `channels` at strides 2, 4 and 8 (0 and
+    `DetectorConfig.channels`: the shipped layout); its run under data_dir/runs."""
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, kind="synthetic", workers=workers, progress=progress)
     validation_paths = build_shards(

@@ -36,10 +36,9 @@ def test_step_timing_trains_the_layout_it_names(bench: ModuleType, patches: Patc
     )
     assert plain.parameters == count_parameters(CandidateDetector())
     assert plain.parameters < stem.parameters < wider.parameters  # the stem, then the channels, are there
-    timing = stem
-    assert timing.layout == "stem of 8" and timing.batch == 2 and timing.peak_gpu_mb is None
-    assert timing.seconds_per_step > 0
-    assert timing.epoch_minutes(120) == pytest.approx(120 / timing.cubes_per_second / 60)
+    assert stem.layout == "stem of 8" and stem.batch == 2 and stem.peak_gpu_mb is None
+    assert stem.seconds_per_step > 0
+    assert stem.epoch_minutes(120) == pytest.approx(120 / stem.cubes_per_second / 60)
 
 
 def test_augmentation_rate_counts_cubes(bench: ModuleType, patches: PatchSet) -> None:

@@ -14,7 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from models import datasets
-from models.networks import CandidateDetector, FalsePositiveClassifier, load_model, save_model
+from models.networks import (
+    CandidateDetector,
+    DetectorConfig,
+    FalsePositiveClassifier,
+    load_model,
+    save_model,
+)
 from models.pretraining import pretrain_detector
 from models.training_runs import RECIPES, Budget, PatchSet, checkpoint_start, data_record
 
@@ -85,7 +91,7 @@ def test_the_weights_record_the_cases_their_run_learnt_from(data_dir: Path) -> N
 
 def test_pretraining_starts_no_epoch_past_its_deadline(data_dir: Path) -> None:
     budget = Budget(pretrain_epochs=5, finetune_epochs=0, batch_size=4, deadline=time.monotonic())
-    result = pretrain_detector(data_dir, budget, stem_channels=0)
+    result = pretrain_detector(data_dir, budget, stem_channels=0, channels=DetectorConfig.channels)
     # The first epoch runs (so that there is a best checkpoint), and no other.
     assert result.epochs_run == 1 and result.stopped_early and result.best_path.exists()
 
