@@ -28,6 +28,7 @@ from models.networks import (
     NoduleSegmenter,
     fuse_batchnorm,
     load_model,
+    place,
     predict_heatmap,
 )
 from models.preprocessing import DETECTION_SPACING_MM, lung_box, normalise, resample, resample_onto
@@ -77,9 +78,9 @@ class Pipeline:
         # For inference only: each BatchNorm folded into its convolution (the same outputs to float
         # rounding, about 15 % less time in the detector on the CPU).
         return cls(
-            fuse_batchnorm(detector),  # type: ignore[arg-type]
-            fuse_batchnorm(classifier),  # type: ignore[arg-type]
-            fuse_batchnorm(segmenter),  # type: ignore[arg-type]
+            place(fuse_batchnorm(detector), chosen),  # type: ignore[arg-type]
+            place(fuse_batchnorm(classifier), chosen),  # type: ignore[arg-type]
+            place(fuse_batchnorm(segmenter), chosen),  # type: ignore[arg-type]
             str(meta.get("version", "unknown")),
             thresholds,
             chosen,

@@ -25,10 +25,6 @@ from models.networks import CandidateDetector, DetectorConfig
 from models.training import TrainResult
 from models.training_runs import MODEL_VERSION, RECIPES, Budget, Stage, data_record, train_network
 
-# Twice the shipped detector's channels: the one change that has come out ahead of the shipped
-# detector from scratch on the CPU (docs/pipeline.md, "What limits the CPM", item 10).
-WIDER_CHANNELS = (32, 64, 128)
-
 
 def pretrain_detector(
     data_dir: Path,
@@ -77,9 +73,9 @@ def main() -> None:
         "--channels",
         type=int,
         nargs=3,
-        default=list(WIDER_CHANNELS),
+        default=list(DetectorConfig().channels),
         metavar=("S2", "S4", "S8"),
-        help="the detector's channels at strides 2, 4 and 8 (the shipped layout's: 16 32 64)",
+        help="the detector's channels at strides 2, 4 and 8 (default: the shipped layout; 0.7.0: 16 32 64)",
     )
     parser.add_argument("--epochs", type=int, default=100, help="at most this many")
     parser.add_argument("--minutes", type=float, default=None, help="start no epoch that would end later")

@@ -47,7 +47,7 @@ from models.preprocessing import normalise
 from models.training import TrainConfig, TrainResult, plot_stages, train, validation_metric
 from models.training_data import Shard
 
-MODEL_VERSION = "0.7.0"
+MODEL_VERSION = "0.8.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):

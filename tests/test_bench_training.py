@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models.networks import CandidateDetector, count_parameters, render_heatmap
+from models.training import native_bfloat16
 from models.training_runs import PatchSet
 from tests.benchmark_scripts import load_benchmark
 
@@ -31,14 +32,21 @@ def patches() -> PatchSet:
 def test_step_timing_trains_the_layout_it_names(bench: ModuleType, patches: PatchSet) -> None:
     torch.manual_seed(0)
     plain, stem, wider = (
-        bench.time_steps(patches, layout, torch.device("cpu"), batch=2, steps=1, warmup=1)
-        for layout in ("shipped layout", "stem of 8", "channels 32 64 128")
+        bench.time_steps(patches, layout, torch.device("cpu"), batch=2, steps=1, amp=False, warmup=1)
+        for layout in ("channels 16 32 64", "stem of 8", "channels 32 64 128")
     )
-    assert plain.parameters == count_parameters(CandidateDetector())
+    assert wider.parameters == count_parameters(CandidateDetector())  # the shipped layout
     assert plain.parameters < stem.parameters < wider.parameters  # the stem, then the channels, are there
     assert stem.layout == "stem of 8" and stem.batch == 2 and stem.peak_gpu_mb is None
     assert stem.seconds_per_step > 0
     assert stem.epoch_minutes(120) == pytest.approx(120 / stem.cubes_per_second / 60)
+    assert plain.precision == "float32"
+
+
+def test_step_timing_names_the_precision_it_trained_in(bench: ModuleType, patches: PatchSet) -> None:
+    cpu = torch.device("cpu")
+    timing = bench.time_steps(patches, "channels 16 32 64", cpu, batch=2, steps=1, amp=True, warmup=1)
+    assert timing.precision == ("bfloat16" if native_bfloat16(cpu) else "float32")
 
 
 def test_augmentation_rate_counts_cubes(bench: ModuleType, patches: PatchSet) -> None:

@@ -19,7 +19,7 @@ from models.networks import (
     render_heatmap,
     save_model,
 )
-from models.training import TrainConfig, train
+from models.training import TrainConfig, _autocast, native_bfloat16, train
 from models.training_data import Shard
 from models.training_runs import RECIPES, Budget, Stage, shipped_start, train_network
 
@@ -242,6 +242,17 @@ def test_resume_goes_on_as_if_never_interrupted(
         assert {**got, "seconds": 0} == pytest.approx({**want, "seconds": 0}, rel=1e-5)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_autocast_only_where_the_device_computes_in_it() -> None:
+    cpu = torch.device("cpu")
+    assert native_bfloat16(torch.device("cuda")) and not native_bfloat16(torch.device("meta"))
+    for amp, expected in (
+        (True, torch.bfloat16 if native_bfloat16(cpu) else torch.float32),
+        (False, torch.float32),
+    ):
+        with _autocast(cpu, _config(amp=amp)):
+            assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == expected
 
 
 def test_stages_plot_continues_fine_tuning_after_pretraining(tmp_path: Path) -> None:
