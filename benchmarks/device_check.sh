@@ -9,10 +9,10 @@
 #   there: bash benchmarks/device_check.sh pretrain   (carry [".whl"]; MINUTES, default 7, and 1 more)
 #
 # `run` prints the GPU, the whole pipeline's time on the 512 x 512 x 300 CT on that machine's CPU and
-# on its GPU (goal: at most 5 s), and what a training step of the detector costs there, with and
-# without a full-resolution stem and with twice the channels.
-# `pretrain` trains a detector of CHANNELS at strides 2, 4 and 8 (default "32 64 128", twice the
-# shipped layout's: docs/pipeline.md, "What limits the CPM", item 10) with a full-resolution stem of
+# on its GPU (goal: at most 5 s), and what a training step of the detector costs there, in 0.7.0's
+# layout with and without a full-resolution stem and in the shipped one (twice the channels).
+# `pretrain` trains a detector of CHANNELS at strides 2, 4 and 8 (default "32 64 128", the shipped
+# layout since 0.8.0: docs/pipeline.md, "What changed in 0.8.0") with a full-resolution stem of
 # STEM channels (default 0; batches of BATCH, default 16) from scratch on the synthetic cases for
 # MINUTES, case building included (models/pretraining.py), and leaves its best.pt, log.jsonl and
 # curves.png in $OUT. Its cosine learning rate spans EPOCHS (default 30; size it from `run`'s step

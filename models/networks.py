@@ -416,10 +416,10 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def place(model: ModelT, device: torch.device) -> ModelT:
-    """`model` moved to `device`; on the CPU with its convolution weights channels-last, on which
-    oneDNN's 3D convolutions run about a third faster in inference and a fifth in training (the
-    same outputs to float rounding; ``benchmarks/bench_training.py``, docs/pipeline.md). On CUDA as
-    it is, since that has not been measured there."""
+    """`model` moved to `device`; on the CPU with its convolution weights channels-last, with which
+    oneDNN's 3D convolutions take about a third less time in inference and a quarter less in
+    training (the same outputs to float rounding; ``benchmarks/bench_training.py``, docs/pipeline.md).
+    On CUDA as it is, since that has not been measured there."""
     model.to(device)
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last_3d)

@@ -123,7 +123,7 @@ def _lr_at(epoch: int, config: TrainConfig) -> float:
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively: CUDA, or a CPU with AMX or AVX-512 BF16,
-    where oneDNN's bfloat16 convolutions train the detector about three times as fast as float32
+    where oneDNN's bfloat16 convolutions train the detector two to three times as fast as float32
     (``benchmarks/bench_training.py``). Elsewhere a CPU would emulate it, more slowly than float32."""
     if device.type == "cuda":
         return True

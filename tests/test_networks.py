@@ -25,6 +25,7 @@ from models.networks import (
     grow,
     heatmap_loss,
     load_model,
+    place,
     predict_heatmap,
     render_heatmap,
     save_model,
@@ -73,6 +74,17 @@ def test_classifier_gives_one_logit_per_patch(size: int) -> None:
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16, 16), (1, 1, 24, 32, 8)])
 def test_segmenter_output_matches_input(shape: tuple[int, ...]) -> None:
     assert _tiny("NoduleSegmenter")(torch.rand(shape)).shape == shape
+
+
+def test_place_keeps_the_outputs_with_channels_last_weights_on_the_cpu() -> None:
+    torch.manual_seed(0)
+    model = fuse_batchnorm(CandidateDetector(DetectorConfig((4, 8, 8))))
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.inference_mode():
+        expected = model(x)
+        placed = place(model, torch.device("cpu"))
+        assert placed.enc1[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(placed(x), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_default_networks_run_at_their_design_sizes() -> None:
