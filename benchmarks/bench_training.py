@@ -28,6 +28,7 @@ from models.synthetic.cases import synthesize_case
 from models.training import (
     TrainConfig,
     choose_device,
+    computes_in_bfloat16,
     native_bfloat16,
     seed_everything,
     train_step,
@@ -104,7 +105,7 @@ def time_steps(
         train_step(model, inputs, targets, heatmap_loss, optimizer, config)  # .item() synchronises
     seconds = (time.perf_counter() - started) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    precision = "bfloat16" if amp and native_bfloat16(device) else "float32"
+    precision = "bfloat16" if computes_in_bfloat16(device, config) else "float32"
     return StepTiming(layout, precision, count_parameters(model), seconds, batch, peak)
 
 

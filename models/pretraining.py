@@ -3,8 +3,8 @@ and judged, epoch after epoch, by its candidates' CPM on the synthetic validatio
 
 It needs no LIDC background, only the code, so a lent GPU machine (which gets the repository and
 nothing beside it) can run it: `bash benchmarks/device_check.sh pretrain`. Fine-tuning with the
-insertions into the LIDC scans then goes on where the data is. Why a detector from scratch, twice as
-wide as the shipped one, on a GPU: docs/pipeline.md, "What limits the CPM".
+insertions into the LIDC scans then goes on where the data is. Why a detector from scratch, of the
+shipped layout (twice 0.7.0's channels), trained longer: docs/pipeline.md, "What changed in 0.8.0".
 
     python -m models.pretraining --minutes 6 --out var/pretraining
 """

@@ -136,8 +136,13 @@ def native_bfloat16(device: torch.device) -> bool:
     )
 
 
+def computes_in_bfloat16(device: torch.device, config: TrainConfig) -> bool:
+    """Whether training with `config` on `device` runs under bfloat16 autocast."""
+    return config.amp and native_bfloat16(device)
+
+
 def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and native_bfloat16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_in_bfloat16(device, config))
 
 
 def train_step(
