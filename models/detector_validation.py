@@ -59,7 +59,7 @@ def validation_cases(
     """The split's cases (of one `kind`, and the first `limit`, when given), resampled and with their
     lungs, ready for `candidate_cpm` epoch after epoch; made in `workers` processes."""
     jobs = [(source,) for source in split_sources(split, kind)[: limit or None]]
-    doing = f"{split} scans for the detector's metric:"
+    doing = f"{split} scans for the scan-level metric:"
     return in_processes(_validation_case, jobs, workers, doing, progress)
 
 
