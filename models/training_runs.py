@@ -487,7 +487,9 @@ def train_all(
             for stage in (Stage("synthetic", sets["synthetic"], budget.pretrain_epochs, budget.lr), finetune)
             if stage.epochs > 0
         ]
-        judge = None if recipe.scan_judge is None else recipe.scan_judge(weights, progress, workers)
+        judge = None  # the previous network's judge lets go of its scans before this one loads its own
+        if recipe.scan_judge is not None:
+            judge = recipe.scan_judge(weights, progress, workers)
         start, to_beat = None, None
         if from_shipped or start_from is not None:
             start, measured = shipped_start(recipe, weights, sets["validation"], judge)

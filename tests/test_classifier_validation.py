@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from models.networks import FalsePositiveClassifier, load_model
 from models.pipeline import WEIGHTS_DIR, Pipeline
 from models.synthetic.cases import synthesize_case
 from models.training_runs import RECIPES
+from tests.test_detector_validation import moved_40_mm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,11 +46,7 @@ def test_the_candidates_are_the_shipped_detectors_at_its_threshold(scan: Candida
 def test_the_shipped_classifier_finds_the_nodules_and_not_40_mm_away(scan: CandidateScan) -> None:
     classifier = shipped_classifier()
     assert classifier_cpm(classifier, [scan]) >= 0.6
-    moved = [
-        dataclasses.replace(t, centre_mm=tuple(np.add(t.centre_mm, (40.0, 0.0, 0.0))))
-        for t in scan.truth.targets
-    ]
-    elsewhere = dataclasses.replace(scan, truth=dataclasses.replace(scan.truth, targets=moved))
+    elsewhere = dataclasses.replace(scan, truth=moved_40_mm(scan.truth))
     assert classifier_cpm(classifier, [elsewhere]) == 0.0
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models.detector_validation import ValidationCase, candidate_cpm, candidate_matches, cpm_by_group
+from models.evaluation import ScanTruth
 from models.evaluation_runs import truth_of
 from models.networks import load_model
 from models.pipeline import WEIGHTS_DIR
@@ -26,12 +27,16 @@ def scan() -> ValidationCase:
 def test_the_shipped_detector_finds_nodules_there_and_not_40_mm_away(scan: ValidationCase) -> None:
     detector, _ = load_model(WEIGHTS_DIR / "detector.pt")
     assert candidate_cpm(detector, [scan]) >= 0.6
-    moved = [
-        dataclasses.replace(t, centre_mm=tuple(np.add(t.centre_mm, (40.0, 0.0, 0.0))))
-        for t in scan.truth.targets
-    ]
-    elsewhere = dataclasses.replace(scan, truth=dataclasses.replace(scan.truth, targets=moved))
+    elsewhere = dataclasses.replace(scan, truth=moved_40_mm(scan.truth))
     assert candidate_cpm(detector, [elsewhere]) == 0.0
+
+
+def moved_40_mm(truth: ScanTruth) -> ScanTruth:
+    """The scan's truth with every nodule 40 mm to the side, where no candidate should hit one."""
+    moved = [
+        dataclasses.replace(t, centre_mm=tuple(np.add(t.centre_mm, (40.0, 0.0, 0.0)))) for t in truth.targets
+    ]
+    return dataclasses.replace(truth, targets=moved)
 
 
 def test_only_a_detector_is_judged(scan: ValidationCase) -> None:
