@@ -25,12 +25,17 @@ from torch import nn
 from models.detector_validation import CANDIDATE_RULES, ValidationCase, validation_cases
 from models.evaluation import Detection, ScanMatch, ScanTruth, build_report, match_scan
 from models.networks import FalsePositiveClassifier
-from models.pipeline import Pipeline, candidate_points, classifier_cubes, detect, nodule_probability
+from models.pipeline import (
+    Pipeline,
+    candidate_points,
+    classifier_cubes,
+    classifier_probabilities,
+    detect,
+    nodule_probability,
+)
 from models.training_data import CLASSIFIER_PATCH
 
 CUBE = (CLASSIFIER_PATCH,) * 3
-# Cubes a forward pass of the classifier takes at most (32^3 each: 64 are 8 MB of input).
-BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -68,17 +73,12 @@ def classifier_matches(classifier: nn.Module, scans: list[CandidateScan]) -> lis
         raise TypeError(
             f"classifier_matches takes a FalsePositiveClassifier, not a {type(classifier).__name__}"
         )
-    device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
     try:
         matches = []
         for scan in scans:
-            scores = [
-                torch.sigmoid(classifier(torch.from_numpy(scan.cubes[i : i + BATCH]).to(device))).reshape(-1)
-                for i in range(0, len(scan.cubes), BATCH)
-            ]
-            probabilities = torch.cat(scores).float().cpu().numpy() if scores else np.zeros(0)
+            probabilities = classifier_probabilities(classifier, scan.cubes) if len(scan.cubes) else []
             detections = [
                 Detection(centre, nodule_probability(float(heat), float(p)))
                 for centre, heat, p in zip(scan.centres_mm, scan.heat, probabilities, strict=True)

@@ -215,12 +215,20 @@ def nodule_probability(detector: float, classifier: float) -> float:
     return float(np.sqrt(detector * classifier))
 
 
-@torch.inference_mode()
 def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: Pipeline) -> list[float]:
     if not candidates:
         return []
-    tensor = torch.from_numpy(classifier_cubes(work.hu, candidates)).to(pipeline.device)
-    return torch.sigmoid(pipeline.classifier(tensor)).reshape(-1).float().cpu().tolist()
+    return classifier_probabilities(pipeline.classifier, classifier_cubes(work.hu, candidates)).tolist()
+
+
+@torch.inference_mode()
+def classifier_probabilities(
+    classifier: torch.nn.Module, cubes: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """The classifier's probability of each of `cubes` (`classifier_cubes`; at most `MAX_CANDIDATES`
+    of them, one batch), on the classifier's device."""
+    device = next(classifier.parameters()).device
+    return torch.sigmoid(classifier(torch.from_numpy(cubes).to(device))).reshape(-1).float().cpu().numpy()
 
 
 def classifier_cubes(
