@@ -28,7 +28,7 @@ def timed(label: str, volume: Volume, pipeline: Pipeline) -> float:
     analysis = analyze(volume, pipeline)
     total = time.perf_counter() - started
     steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in analysis.seconds.items())
-    found = f"{analysis.candidates} candidates, {len(analysis.findings)} findings"
+    found = f"{len(analysis.candidates)} candidates, {len(analysis.findings)} findings"
     print(f"{label}: {total:.1f} s ({steps}); {found}")
     return total
 

@@ -22,8 +22,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.datasets import SPLITS, default_workers
-from models.detector_validation import CANDIDATE_RULES, ValidationCase, candidate_matches, validation_cases
-from models.evaluation import Detection, ScanMatch, build_report, match_scan
+from models.detector_validation import ValidationCase, candidate_matches, validation_cases
+from models.evaluation import CANDIDATE_RULES, Detection, ScanMatch, build_report, match_scan
 from models.pipeline import Pipeline, spaced_apart
 from models.preprocessing import lung_box
 

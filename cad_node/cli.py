@@ -141,7 +141,7 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
         "model_version": pipeline.version,
         "series_instance_uid": series.series_instance_uid,
         "coordinates": "DICOM patient coordinates (LPS), millimetres",
-        "candidates": analysis.candidates,
+        "candidates": len(analysis.candidates),
         "seconds": analysis.seconds,
         "findings": [finding.to_json() for finding in analysis.findings],
     }
@@ -332,6 +332,10 @@ def evaluate(
             f"  {kind}: {figures.scans} scans, sensitivity {point.recall:.3f} "
             f"({point.tp}/{point.tp + point.fn}), {point.fp_per_scan:.2f} false positives per scan"
         )
+    missed, small = output.missed["all"], output.missed["3-6 mm"]
+    click.echo(f"Nodules never found ({sum(missed.values())}), by where the pipeline lost them (3 to 6 mm):")
+    for stage, count in missed.most_common():
+        click.echo(f"  {stage}: {count} ({small[stage]})")
     for listing in output.lidc_listings:
         click.echo(listing)
     seconds = output.seconds_per_scan

@@ -22,8 +22,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.detector_validation import CANDIDATE_RULES, ValidationCase, validation_cases
-from models.evaluation import Detection, ScanMatch, ScanTruth, build_report, match_scan
+from models.detector_validation import ValidationCase, validation_cases
+from models.evaluation import CANDIDATE_RULES, Detection, ScanMatch, ScanTruth, build_report, match_scan
 from models.networks import FalsePositiveClassifier
 from models.pipeline import (
     Pipeline,

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from torch import nn
 
 from models.datasets import CaseSource, in_processes, make_case, split_sources
-from models.evaluation import Detection, MatchRules, ScanMatch, ScanTruth, build_report, match_scan
+from models.evaluation import CANDIDATE_RULES, Detection, ScanMatch, ScanTruth, build_report, match_scan
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.networks import CandidateDetector
@@ -27,10 +27,6 @@ from models.preprocessing import DETECTION_SPACING_MM, lung_box, resample
 from models.volume import Volume
 
 CANDIDATE_FLOOR = 0.01
-# A candidate is where the classifier and the segmenter look, and the finding's centre is the mask's
-# centroid: a candidate within 3 mm of a small nodule's centre finds it (the classifier is trained on
-# centres jittered by up to 2 mm), though the nodule's own radius is smaller.
-CANDIDATE_RULES = MatchRules(min_hit_radius_mm=3.0)
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,10 @@ class MatchRules:
 
 
 LUNA16_RULES = MatchRules()
+# A candidate is where the classifier and the segmenter look, and the finding's centre is the mask's
+# centroid: a candidate within 3 mm of a small nodule's centre finds it (the classifier is trained on
+# centres jittered by up to 2 mm), though the nodule's own radius is smaller.
+CANDIDATE_RULES = MatchRules(min_hit_radius_mm=3.0)
 
 
 def hit_radius_mm(target: Target, rules: MatchRules = LUNA16_RULES) -> float:

@@ -5,6 +5,7 @@ false positives."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from models.datasets import (
     split_sources,
 )
 from models.evaluation import (
+    CANDIDATE_RULES,
     EvaluationReport,
     OperatingPoint,
     Outcome,
@@ -29,6 +31,7 @@ from models.evaluation import (
     Target,
     detection_listing,
     evaluate,
+    hit_radius_mm,
     match_scan,
     operating_point,
     operating_point_json,
@@ -36,7 +39,7 @@ from models.evaluation import (
 )
 from models.findings import Finding
 from models.lidc import read_lidc_case
-from models.pipeline import Analysis, Pipeline, analyze
+from models.pipeline import Analysis, CandidateRecord, Pipeline, analyze
 from models.preview import PreviewItem, nodule_montage
 from models.synthetic.cases import Case
 from models.volume import Volume
@@ -46,10 +49,16 @@ from models.volume import Volume
 FROC_MIN_PROBABILITY = 0.02
 
 
+NO_CANDIDATE = "no candidate from the detector"
+
+
 @dataclass(frozen=True)
 class EvaluationOutput:
     held_out: EvaluationReport
     by_background: dict[str, BackgroundFigures]
+    # Nodules the held-out FROC never reaches, counted by where the pipeline lost them (`lost_at`):
+    # all, and those of 3 to 6 mm.
+    missed: dict[str, Counter[str]]
     lidc_listings: list[str]
     seconds_per_scan: list[float]
     files: list[Path]
@@ -80,6 +89,32 @@ def figures_by_background(
             len(chosen), operating_point(target_scores, fp_scores, len(chosen), threshold)
         )
     return figures
+
+
+def lost_at(target: Target, candidates: Sequence[CandidateRecord]) -> str:
+    """Where the pipeline lost a nodule it did not find: what became of its most probable candidate
+    (one within the candidates' hit radius, `CANDIDATE_RULES`), or `NO_CANDIDATE`. A candidate that
+    became a finding lost the nodule by the finding's centre, the mask's centroid, lying off it."""
+    radius = hit_radius_mm(target, CANDIDATE_RULES)
+    near = [c for c in candidates if np.linalg.norm(np.subtract(c.centre_mm, target.centre_mm)) < radius]
+    if not near:
+        return NO_CANDIDATE
+    return str(max(near, key=lambda c: c.probability).fate)
+
+
+def missed_by_stage(
+    matches: Sequence[ScanMatch], candidates: Sequence[Sequence[CandidateRecord]]
+) -> dict[str, Counter[str]]:
+    """`lost_at` of every target no detection of its scan hits, counted; "3-6 mm" for the small ones."""
+    missed: dict[str, Counter[str]] = {"all": Counter(), "3-6 mm": Counter()}
+    for match, records in zip(matches, candidates, strict=True):
+        for found in match.targets:
+            if found.detection_index is None:
+                stage = lost_at(found.target, records)
+                missed["all"][stage] += 1
+                if 3.0 <= found.target.mean_diameter_mm < 6.0:
+                    missed["3-6 mm"][stage] += 1
+    return missed
 
 
 def truth_of(case: Case, case_id: str) -> ScanTruth:
@@ -128,6 +163,7 @@ def evaluate_pipeline(
         half = max(1, max_cases // 2)
         sources = synthetic[: max_cases - min(half, len(inserted))] + inserted[:half]
     scans: list[tuple[ScanTruth, list[Finding]]] = []
+    candidates: list[list[CandidateRecord]] = []
     seconds = []
     overlays = []
     kinds: list[str] = []
@@ -135,6 +171,7 @@ def evaluate_pipeline(
         seconds.append(sum(analysis.seconds.values()))
         truth = truth_of(case, source.name)
         scans.append((truth, analysis.findings))
+        candidates.append(analysis.candidates)
         kinds.append(source.kind)
         if len(overlays) < 4:
             overlays.append(
@@ -142,6 +179,7 @@ def evaluate_pipeline(
             )
     report = evaluate(scans, threshold=pipeline.thresholds.probability if threshold is None else threshold)
     by_background = figures_by_background(report.matches, kinds, report.threshold)
+    missed = missed_by_stage(report.matches, candidates)
     files = [out_dir / "froc.png", out_dir / "report.json", *overlays]
     plot_froc(report, files[0], groups=["all", ">= 6 mm"])
     listings = []
@@ -159,6 +197,7 @@ def evaluate_pipeline(
             {
                 "held_out": report.to_json(),
                 "by_background": {kind: f.to_json() for kind, f in by_background.items()},
+                "missed_by_stage": {group: dict(counts) for group, counts in missed.items()},
                 "lidc": listings,
                 "seconds_per_scan": seconds,
             },
@@ -169,6 +208,7 @@ def evaluate_pipeline(
     return EvaluationOutput(
         held_out=report,
         by_background=by_background,
+        missed=missed,
         lidc_listings=listings,
         seconds_per_scan=seconds,
         files=files,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,10 +92,27 @@ class Pipeline:
         return replace(self, thresholds=replace(self.thresholds, detector=threshold))
 
 
+class Fate(StrEnum):
+    """What became of a candidate."""
+
+    BELOW_FLOOR = "probability under the floor"
+    NO_MASK = "no mask from the segmenter"
+    DUPLICATE = "on a more probable finding"
+    FINDING = "finding"
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    centre_mm: tuple[float, float, float]
+    heat: float  # the detector's
+    probability: float  # `nodule_probability`
+    fate: Fate
+
+
 @dataclass(frozen=True)
 class Analysis:
     findings: list[Finding]
-    candidates: int
+    candidates: list[CandidateRecord]  # the detector's highest heat first
     seconds: dict[str, float]
     # The detector's heatmap value at each finding's candidate, in the order of `findings`: what a
     # higher detector threshold would have kept (`models.calibration` replays it).
@@ -129,20 +147,31 @@ def analyze(
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
     probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
-    accepted = [(c, p) for c, p in zip(candidates, probabilities, strict=True) if p >= floor]
     step("false-positive reduction")
-    found = []
-    for candidate, probability in accepted:
+    fates = [Fate.BELOW_FLOOR] * len(candidates)
+    found: list[tuple[Finding, int]] = []
+    for index, (candidate, probability) in enumerate(zip(candidates, probabilities, strict=True)):
+        if probability < floor:
+            continue
         mask = segment(volume, work.index_to_patient(candidate.kji), pipeline)
-        if mask is not None:
-            found.append((describe(volume, mask, probability, lungs, work), candidate.score))
+        if mask is None:
+            fates[index] = Fate.NO_MASK
+        else:
+            fates[index] = Fate.DUPLICATE
+            found.append((describe(volume, mask, probability, lungs, work), index))
     step("segmentation and measurement")
     kept = _without_duplicates(found)
+    for _, index in kept:
+        fates[index] = Fate.FINDING
+    records = []
+    for candidate, probability, fate in zip(candidates, probabilities, fates, strict=True):
+        x, y, z = (float(v) for v in work.index_to_patient(candidate.kji))
+        records.append(CandidateRecord((x, y, z), candidate.score, probability, fate))
     return Analysis(
         findings=[f for f, _ in kept],
-        candidates=len(candidates),
+        candidates=records,
         seconds=seconds,
-        detector_scores=[s for _, s in kept],
+        detector_scores=[candidates[index].score for _, index in kept],
     )
 
 
@@ -287,14 +316,14 @@ def describe(
     return measure_finding(volume, mask, probability, side, zone)
 
 
-def _without_duplicates(found: list[tuple[Finding, float]]) -> list[tuple[Finding, float]]:
+def _without_duplicates(found: list[tuple[Finding, int]]) -> list[tuple[Finding, int]]:
     """Two candidates on one nodule give two overlapping masks: keep the more probable (with its
-    detector score)."""
-    kept: list[tuple[Finding, float]] = []
-    for finding, score in sorted(found, key=lambda pair: pair[0].probability, reverse=True):
+    candidate's index)."""
+    kept: list[tuple[Finding, int]] = []
+    for finding, index in sorted(found, key=lambda pair: pair[0].probability, reverse=True):
         if all(
             np.linalg.norm(np.subtract(finding.centre_mm, k.centre_mm)) > max(k.mean_diameter_mm / 2, 3.0)
             for k, _ in kept
         ):
-            kept.append((finding, score))
+            kept.append((finding, index))
     return kept

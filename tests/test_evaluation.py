@@ -499,3 +499,28 @@ def test_figures_by_background_split_the_operating_point() -> None:
     assert inserted_point.fp == 1  # the one at p 0.2 is below the operating point
     assert figures["insertion"].scans == 2
     assert figures["insertion"].to_json()["fp_per_scan"] == 0.5
+
+
+def test_a_missed_nodule_is_counted_where_the_pipeline_lost_it() -> None:
+    from models.evaluation_runs import NO_CANDIDATE, lost_at, missed_by_stage
+    from models.pipeline import CandidateRecord, Fate
+
+    def record(x: float, probability: float, fate: Fate) -> CandidateRecord:
+        return CandidateRecord((x, 0.0, 0.0), 0.5, probability, fate)
+
+    small, large = _target(1, diameter=4.0), _target(2, (50.0, 0.0, 0.0), diameter=12.0)
+    # A small nodule's candidate counts within 3 mm; a large one's within its radius.
+    assert lost_at(small, [record(2.5, 0.3, Fate.NO_MASK)]) == str(Fate.NO_MASK)
+    assert lost_at(small, [record(3.5, 0.3, Fate.NO_MASK)]) == NO_CANDIDATE
+    assert lost_at(large, [record(55.5, 0.3, Fate.NO_MASK)]) == str(Fate.NO_MASK)
+    # Of two candidates on it, the more probable tells.
+    near = [record(1.0, 0.01, Fate.BELOW_FLOOR), record(-1.0, 0.6, Fate.FINDING)]
+    assert lost_at(small, near) == str(Fate.FINDING)
+
+    # The small nodule is found, the large one not: only the large one is counted.
+    match = match_scan(_truth([small, large]), [_at(0.5, 0.9)])
+    missed = missed_by_stage([match], [[record(0.5, 0.9, Fate.FINDING), record(51.0, 0.4, Fate.NO_MASK)]])
+    assert missed["all"] == {str(Fate.NO_MASK): 1}
+    assert not missed["3-6 mm"]
+    missed = missed_by_stage([match_scan(_truth([small]), [])], [[]])
+    assert missed["all"] == missed["3-6 mm"] == {NO_CANDIDATE: 1}

@@ -12,6 +12,7 @@ import torch
 
 from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, SegmenterConfig
 from models.pipeline import (
+    Fate,
     Pipeline,
     Thresholds,
     analyze,
@@ -49,7 +50,10 @@ def test_analyze_runs_every_stage(case) -> None:
         "false-positive reduction",
         "segmentation and measurement",
     }
-    assert analysis.candidates > 0
+    assert analysis.candidates
+    heats = [c.heat for c in analysis.candidates]
+    assert heats == sorted(heats, reverse=True)
+    assert sum(c.fate is Fate.FINDING for c in analysis.candidates) == len(analysis.findings)
     assert len(analysis.detector_scores) == len(analysis.findings)
     assert all(0.0 <= score <= 1.0 for score in analysis.detector_scores)
     for finding in analysis.findings:

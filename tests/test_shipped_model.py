@@ -62,3 +62,17 @@ def test_shipping_one_network_makes_the_others_part_of_its_version(tmp_path: Pat
             torch.equal(tensor, original.state_dict()[name]) for name, tensor in model.state_dict().items()
         )
     assert Pipeline.load(tmp_path, device="cpu").version == "9.9.9"
+
+
+def test_evaluate_reports_on_a_few_held_out_cases(tmp_path: Path) -> None:
+    """`cad-node evaluate` end to end on 2 held-out cases and the two real LIDC scans (the figures of
+    all 24 cases are the docs'): the report, the FROC plot and where missed nodules were lost."""
+    result = CliRunner().invoke(main, ["evaluate", "--cases", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"model {MODEL_VERSION}" in result.output
+    assert "Nodules never found" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["seconds_per_scan"]) == 4  # 2 held-out cases, 2 LIDC scans
+    assert set(report["missed_by_stage"]) == {"all", "3-6 mm"}
+    assert [listing.splitlines()[0] for listing in report["lidc"]] == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+    assert (tmp_path / "froc.png").stat().st_size > 0
