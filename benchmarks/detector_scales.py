@@ -1,10 +1,10 @@
 """Experiment: the shipped detector run at other input spacings (a small nodule looks larger on a finer
 grid) and with a left-right flip, alone and merged with the 1 mm pass, judged as `cad-node train`
 judges a detector: its candidates' CPM on a split's whole scans (`models.detector_validation`), by
-nodule type and size, with the seconds each pass took. With `--classifier`, each variant is judged
-again as the pipeline ranks its candidates: those at the shipped detector threshold (at most
-`MAX_CANDIDATES`, kept apart as the pipeline keeps them) scored by the shipped classifier on the 1 mm
-grid, at `nodule_probability`.
+nodule type and size, how many nodules any of its candidates hits, and the seconds each pass took.
+With `--classifier`, each variant is judged again as the pipeline ranks its candidates: those at the
+shipped detector threshold (at most `MAX_CANDIDATES`, kept apart as the pipeline keeps them) scored
+by the shipped classifier on the 1 mm grid, at `nodule_probability`.
 
     .venv/bin/python benchmarks/detector_scales.py [--split validation] [--spacings 1.0,0.8,0.7] [--cases N]
         [--no-flip] [--classifier]

@@ -157,7 +157,7 @@ def analyze(
         if mask is None:
             fates[index] = Fate.NO_MASK
         else:
-            fates[index] = Fate.DUPLICATE
+            fates[index] = Fate.DUPLICATE  # until `_without_duplicates` keeps it
             found.append((describe(volume, mask, probability, lungs, work), index))
     step("segmentation and measurement")
     kept = _without_duplicates(found)
