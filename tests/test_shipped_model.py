@@ -64,9 +64,10 @@ def test_shipping_one_network_makes_the_others_part_of_its_version(tmp_path: Pat
     assert Pipeline.load(tmp_path, device="cpu").version == "9.9.9"
 
 
-def test_evaluate_reports_on_a_few_held_out_cases(tmp_path: Path) -> None:
+def test_evaluate_reports_on_a_few_held_out_cases(lidc_dir: Path, tmp_path: Path) -> None:
     """`cad-node evaluate` end to end on 2 held-out cases and the two real LIDC scans (the figures of
-    all 24 cases are the docs'): the report, the FROC plot and where missed nodules were lost."""
+    all 24 cases are the docs'): the report, the FROC plot and where missed nodules were lost. The
+    insertions and the LIDC scans need the LIDC data (`lidc_dir` skips without it)."""
     result = CliRunner().invoke(main, ["evaluate", "--cases", "2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert f"model {MODEL_VERSION}" in result.output
