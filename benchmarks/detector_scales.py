@@ -30,8 +30,7 @@ from models.pipeline import (
     MAX_CANDIDATES,
     Pipeline,
     candidate_region,
-    classifier_cubes,
-    classifier_probabilities,
+    classify,
     detect,
     heatmap_peaks,
     nodule_probability,
@@ -80,9 +79,9 @@ def classified(pipeline: Pipeline, work: Volume, candidates: Peaks) -> list[Dete
     if not candidates:
         return []
     points = [np.asarray(work.patient_to_index(point), dtype=np.float64) for _, point in candidates]
-    scores = classifier_probabilities(pipeline.classifier, classifier_cubes(work.hu, points))
+    scores = classify(work, points, pipeline)
     return [
-        Detection(tuple(point), nodule_probability(heat, float(p)))  # type: ignore[arg-type]
+        Detection(tuple(point), nodule_probability(heat, p))  # type: ignore[arg-type]
         for (heat, point), p in zip(candidates, scores, strict=True)
     ]
 

@@ -31,7 +31,6 @@ from models.evaluation import (
     Target,
     detection_listing,
     evaluate,
-    hit_radius_mm,
     match_scan,
     operating_point,
     operating_point_json,
@@ -95,11 +94,8 @@ def lost_at(target: Target, candidates: Sequence[CandidateRecord]) -> str:
     """Where the pipeline lost a nodule it did not find: what became of its most probable candidate
     (one within the candidates' hit radius, `CANDIDATE_RULES`), or `NO_CANDIDATE`. A candidate that
     became a finding lost the nodule by the finding's centre, the mask's centroid, lying off it."""
-    radius = hit_radius_mm(target, CANDIDATE_RULES)
-    near = [c for c in candidates if np.linalg.norm(np.subtract(c.centre_mm, target.centre_mm)) < radius]
-    if not near:
-        return NO_CANDIDATE
-    return str(max(near, key=lambda c: c.probability).fate)
+    (best,) = match_scan(ScanTruth("", (target,)), candidates, CANDIDATE_RULES).targets
+    return NO_CANDIDATE if best.detection_index is None else str(candidates[best.detection_index].fate)
 
 
 def missed_by_stage(

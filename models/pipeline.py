@@ -148,12 +148,15 @@ def analyze(
     scores = classify(work, [c.kji for c in candidates], pipeline)
     probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
     step("false-positive reduction")
+    centres = [
+        (float(x), float(y), float(z)) for x, y, z in (work.index_to_patient(c.kji) for c in candidates)
+    ]
     fates = [Fate.BELOW_FLOOR] * len(candidates)
     found: list[tuple[Finding, int]] = []
-    for index, (candidate, probability) in enumerate(zip(candidates, probabilities, strict=True)):
+    for index, (centre, probability) in enumerate(zip(centres, probabilities, strict=True)):
         if probability < floor:
             continue
-        mask = segment(volume, work.index_to_patient(candidate.kji), pipeline)
+        mask = segment(volume, np.asarray(centre), pipeline)
         if mask is None:
             fates[index] = Fate.NO_MASK
         else:
@@ -163,13 +166,14 @@ def analyze(
     kept = _without_duplicates(found)
     for _, index in kept:
         fates[index] = Fate.FINDING
-    records = []
-    for candidate, probability, fate in zip(candidates, probabilities, fates, strict=True):
-        x, y, z = (float(v) for v in work.index_to_patient(candidate.kji))
-        records.append(CandidateRecord((x, y, z), candidate.score, probability, fate))
     return Analysis(
         findings=[f for f, _ in kept],
-        candidates=records,
+        candidates=[
+            CandidateRecord(centre, candidate.score, probability, fate)
+            for centre, candidate, probability, fate in zip(
+                centres, candidates, probabilities, fates, strict=True
+            )
+        ],
         seconds=seconds,
         detector_scores=[candidates[index].score for _, index in kept],
     )
