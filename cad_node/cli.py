@@ -206,6 +206,12 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
     "--ship/--no-ship", default=True, show_default=True, help="Copy the best weights into the package."
 )
 @click.option(
+    "--detection-passes",
+    help="The grids (mm, comma-separated, e.g. 1.0,0.7) the detector runs on for the classifier: its "
+    "candidates, merged, are what the classifier learns from and is judged behind, and what the "
+    "pipeline will run with it (default: the shipped classifier's).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     help="Processes that build missing training shards side by side (default: one a core, as memory allows).",
@@ -219,6 +225,7 @@ def train(
     ship: bool,
     from_shipped: bool,
     start_from: Path | None,
+    detection_passes: str | None,
     workers: int | None,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
@@ -251,12 +258,31 @@ def train(
         ship_weights=ship,
         from_shipped=from_shipped,
         start_from=start_from,
+        passes_mm=_passes(detection_passes),
         workers=workers or default_workers(),
         progress=_echo_progress(started),
     )
     click.echo(json.dumps(summary, indent=2))
     if any("weights" in entry for entry in summary["networks"].values()):
         click.echo("new networks change the operating point: run `cad-node calibrate`")
+
+
+def _passes(text: str | None) -> tuple[float, ...] | None:
+    """`--detection-passes`: grids of 0.5 to 1 mm, the detector's own 1 mm first."""
+    if text is None:
+        return None
+    try:
+        passes = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"not a list of numbers: {text!r}", param_hint="--detection-passes"
+        ) from None
+    if passes[0] != 1.0 or not all(0.5 <= p <= 1.0 for p in passes) or len(set(passes)) != len(passes):
+        raise click.BadParameter(
+            "the 1 mm grid first, then finer ones down to 0.5 mm, each once (e.g. 1.0,0.7)",
+            param_hint="--detection-passes",
+        )
+    return passes
 
 
 @main.command()

@@ -7,7 +7,7 @@ are chosen here on the validation split, never on the held-out cases that `cad-n
 - the pipeline runs once on every validation case with the lowest detector threshold of the grid
   and keeps every finding down to the FROC floor, with the detector score of each;
 - each higher detector threshold is replayed by dropping the findings whose detector score is below
-  it (its candidates are the first ones of the lower threshold's list, see `candidate_points`);
+  it (its candidates are the first ones of the lower threshold's list, see `pipeline.propose`);
 - the detector threshold is the highest whose validation CPM is within `CPM_TOLERANCE` of the best
   (fewer candidates: fewer look-alikes for the classifier to pass, less time), and the probability
   threshold the lowest (in steps of 0.01 from 0.5) that keeps the validation false positives at or

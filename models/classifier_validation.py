@@ -1,5 +1,6 @@
 """The false-positive classifier judged as the pipeline uses it: behind the shipped detector, on whole
-validation scans. The detector's candidates (at the shipped detector threshold) and their heat are
+validation scans. The detector's candidates (at the shipped detector threshold, on the grids the
+classifier is trained behind: `Pipeline.passes_mm`) and their heat are
 worked out once; after each epoch the classifier scores each candidate's cube, a candidate's
 probability is `nodule_probability` of the two, and the CPM of that FROC (candidate centres matched
 by the rules of `models.detector_validation`) is the metric that chooses the classifier's epoch.
@@ -13,8 +14,9 @@ depends on how its nodules rank among all of its candidates.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +24,21 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.detector_validation import ValidationCase, validation_cases
+from models.datasets import CaseSource, in_processes, make_case, split_sources
 from models.evaluation import CANDIDATE_RULES, Detection, ScanMatch, ScanTruth, build_report, match_scan
+from models.evaluation_runs import truth_of
+from models.lungs import segment_lungs
 from models.networks import FalsePositiveClassifier
 from models.pipeline import (
     Pipeline,
-    candidate_points,
     classifier_cubes,
     classifier_probabilities,
-    detect,
     nodule_probability,
+    propose,
 )
+from models.preprocessing import DETECTION_SPACING_MM, resample
 from models.training_data import CLASSIFIER_PATCH
+from models.volume import Volume
 
 CUBE = (CLASSIFIER_PATCH,) * 3
 
@@ -48,22 +53,44 @@ class CandidateScan:
     cubes: npt.NDArray[np.float32]  # (N, 1, 32, 32, 32), the classifier's input
 
 
-def candidate_scans(cases: list[ValidationCase], pipeline: Pipeline) -> list[CandidateScan]:
-    """Each case's candidates under the pipeline's detector and detector threshold, with their cubes."""
-    scans = []
-    for case in cases:
-        heatmap, box = detect(case.work, case.lungs, pipeline.detector)
-        candidates = candidate_points(heatmap, box, case.region, pipeline.thresholds.detector)
-        points = [c.kji for c in candidates]
-        scans.append(
-            CandidateScan(
-                case.truth,
-                [tuple(case.work.index_to_patient(p)) for p in points],  # type: ignore[misc]
-                np.array([c.score for c in candidates], dtype=np.float64),
-                classifier_cubes(case.work.hu, points) if points else np.zeros((0, 1, *CUBE), np.float32),
-            )
-        )
-    return scans
+def candidate_scan(truth: ScanTruth, volume: Volume, pipeline: Pipeline) -> CandidateScan:
+    """The scan's candidates under the pipeline's detector, passes and detector threshold, with their
+    cubes."""
+    work = resample(volume, DETECTION_SPACING_MM)
+    lungs = segment_lungs(work)
+    candidates = propose(
+        volume, work, lungs, pipeline.detector, pipeline.passes_mm, pipeline.thresholds.detector
+    )
+    points = [c.kji for c in candidates]
+    return CandidateScan(
+        truth,
+        [tuple(work.index_to_patient(p)) for p in points],  # type: ignore[misc]
+        np.array([c.score for c in candidates], dtype=np.float64),
+        classifier_cubes(work.hu, points) if points else np.zeros((0, 1, *CUBE), np.float32),
+    )
+
+
+def candidate_scans(
+    split: str,
+    weights_dir: Path,
+    passes_mm: tuple[float, ...],
+    workers: int = 1,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[CandidateScan]:
+    """`candidate_scan` of each of the split's cases, behind the detector shipped in `weights_dir` run
+    on the grids of `passes_mm`, made in `workers` processes."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    jobs = [(source, weights_dir, passes_mm, threads) for source in split_sources(split)]
+    return in_processes(_candidate_scan, jobs, workers, f"{split} candidates for the classifier:", progress)
+
+
+def _candidate_scan(
+    source: CaseSource, weights_dir: Path, passes_mm: tuple[float, ...], threads: int
+) -> CandidateScan:
+    torch.set_num_threads(threads)
+    pipeline = replace(Pipeline.load(weights_dir, device="cpu"), passes_mm=passes_mm)
+    case = make_case(source)
+    return candidate_scan(truth_of(case, source.name), case.volume, pipeline)
 
 
 @torch.inference_mode()
@@ -100,11 +127,11 @@ def classifier_judge(
     split: str = "validation",
     progress: Callable[[str], None] = lambda message: None,
     workers: int = 1,
+    passes_mm: tuple[float, ...] | None = None,
 ) -> Callable[[nn.Module], float]:
-    """`classifier_cpm` behind the detector shipped in `weights_dir`, on the split's cases (made in
-    `workers` processes); only the candidates and their cubes are kept between epochs."""
-    pipeline = Pipeline.load(weights_dir, device="cpu")
-    cases = validation_cases(split, progress, workers)
-    progress(f"the shipped detector's candidates on {len(cases)} {split} scans, for the classifier's metric")
-    scans = candidate_scans(cases, pipeline)
+    """`classifier_cpm` behind the detector shipped in `weights_dir` on the grids of `passes_mm` (the
+    shipped classifier's, when not given), on the split's cases; only the candidates and their cubes
+    are kept between epochs."""
+    passes = passes_mm or Pipeline.load(weights_dir, device="cpu").passes_mm
+    scans = candidate_scans(split, weights_dir, passes, workers, progress)
     return lambda classifier: classifier_cpm(classifier, scans)

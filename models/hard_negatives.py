@@ -32,7 +32,7 @@ from models.evaluation import LUNA16_RULES, ScanTruth, hit_radius_mm, ignore_rad
 from models.evaluation_runs import truth_of
 from models.lungs import segment_lungs
 from models.networks import CandidateDetector, load_model
-from models.pipeline import candidate_points, candidate_region, detect
+from models.pipeline import propose
 from models.preprocessing import DETECTION_SPACING_MM, resample
 from models.synthetic.cases import Case
 from models.training_data import (
@@ -87,17 +87,21 @@ def candidate_label(point_mm: npt.ArrayLike, truth: ScanTruth) -> int | None:
 
 
 def mined_samples(
-    case: Case, detector: CandidateDetector, rng: np.random.Generator, threshold: float = MINING_THRESHOLD
+    case: Case,
+    detector: CandidateDetector,
+    rng: np.random.Generator,
+    threshold: float = MINING_THRESHOLD,
+    passes_mm: Sequence[float] = (DETECTION_SPACING_MM,),
 ) -> Shard:
-    """The classifier patch of each labelled detector candidate, and a detector cube around each of the
+    """The classifier patch of each labelled detector candidate (of the detector run on each grid of
+    `passes_mm`, merged as the pipeline merges them), and a detector cube around each of the
     `DETECTOR_NEGATIVES_PER_SCAN` strongest false ones (shifted as the nodule cubes are, with the
     case's nodule heatmap as its target)."""
     truth = truth_of(case, "mined")
     work = resample(case.volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
-    heatmap, box = detect(work, lungs, detector)
     patches, labels, false_points = [], [], []
-    for candidate in candidate_points(heatmap, box, candidate_region(lungs, box), threshold):
+    for candidate in propose(case.volume, work, lungs, detector, passes_mm, threshold):
         label = candidate_label(work.index_to_patient(candidate.kji), truth)
         if label is None:
             continue
@@ -119,17 +123,22 @@ def mine_shards(
     detector_path: Path,
     out_dir: Path,
     *,
+    passes_mm: Sequence[float] = (DETECTION_SPACING_MM,),
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[Path]:
-    """One shard of mined samples per case, in out_dir/mined/<detector tag>-<layout>/<split>/, built in
-    `workers` processes; shards already there are kept (a cache)."""
-    folder = out_dir / "mined" / f"{detector_tag(detector_path)}-{MINED_LAYOUT}" / split
+    """One shard of mined samples per case (the candidates of the detector's `passes_mm`), in
+    out_dir/mined/<detector tag>[-<passes>]-<layout>/<split>/, built in `workers` processes; shards
+    already there are kept (a cache)."""
+    passes = (
+        "" if tuple(passes_mm) == (DETECTION_SPACING_MM,) else "-" + "+".join(f"{s:g}" for s in passes_mm)
+    )
+    folder = out_dir / "mined" / f"{detector_tag(detector_path)}{passes}-{MINED_LAYOUT}" / split
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{source.name}.npz" for source in sources]
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     missing = [
-        (source, path, detector_path, threads)
+        (source, path, detector_path, tuple(passes_mm), threads)
         for source, path in zip(sources, paths, strict=True)
         if not path.exists()
     ]
@@ -137,11 +146,13 @@ def mine_shards(
     return paths
 
 
-def _mine_shard(source: CaseSource, path: Path, detector_path: Path, threads: int) -> None:
+def _mine_shard(
+    source: CaseSource, path: Path, detector_path: Path, passes_mm: tuple[float, ...], threads: int
+) -> None:
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector, _ = load_model(detector_path, device)
     if not isinstance(detector, CandidateDetector):
         raise TypeError(f"{detector_path} holds a {type(detector).__name__}, not a CandidateDetector")
     rng = np.random.default_rng([source.seed, 11])
-    mined_samples(make_case(source), detector, rng).save(path)
+    mined_samples(make_case(source), detector, rng, passes_mm=passes_mm).save(path)

@@ -1,6 +1,7 @@
 """`analyze(volume) -> findings`: the CAD pipeline.
 
 volume -> 1 mm grid -> lungs -> candidate heatmap (sliding window) -> candidates
+       (and, where the classifier was trained for it, the same on a finer grid, merged)
        -> false-positive reduction -> segmentation (0.75 mm patch) -> mask on the series' grid
        -> measurements, type, location, Lung-RADS suggestion
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,9 @@ class Pipeline:
     version: str
     thresholds: Thresholds = field(default_factory=Thresholds)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The grids the detector runs on, its candidates merged: those whose candidates the classifier
+    # learnt from (its metadata's `detection_passes_mm`; the 1 mm grid alone where it names none).
+    passes_mm: tuple[float, ...] = (DETECTION_SPACING_MM,)
 
     @classmethod
     def load(cls, weights_dir: Path = WEIGHTS_DIR, device: str | None = None) -> Pipeline:
@@ -73,7 +77,7 @@ class Pipeline:
                 f"model weights missing: {', '.join(missing)} (train them: cad-node train)"
             )
         detector, meta = load_model(paths["detector"], chosen)
-        classifier, _ = load_model(paths["classifier"], chosen)
+        classifier, classifier_meta = load_model(paths["classifier"], chosen)
         segmenter, _ = load_model(paths["segmenter"], chosen)
         thresholds = Thresholds(**meta.get("thresholds", {}))
         # For inference only: each BatchNorm folded into its convolution (the same outputs to float
@@ -85,11 +89,17 @@ class Pipeline:
             str(meta.get("version", "unknown")),
             thresholds,
             chosen,
+            passes_of(classifier_meta),
         )
 
     def with_detector_threshold(self, threshold: float) -> Pipeline:
         """The same networks with another candidate threshold (experiments, calibration)."""
         return replace(self, thresholds=replace(self.thresholds, detector=threshold))
+
+
+def passes_of(classifier_metadata: dict[str, Any]) -> tuple[float, ...]:
+    """The detector's grids that a classifier was trained behind (its metadata's record)."""
+    return tuple(float(s) for s in classifier_metadata.get("detection_passes_mm", [DETECTION_SPACING_MM]))
 
 
 class Fate(StrEnum):
@@ -142,8 +152,9 @@ def analyze(
     work = resample(volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
     step("preprocessing")
-    heatmap, box = detect(work, lungs, pipeline.detector)
-    candidates = candidate_points(heatmap, box, candidate_region(lungs, box), pipeline.thresholds.detector)
+    candidates = propose(
+        volume, work, lungs, pipeline.detector, pipeline.passes_mm, pipeline.thresholds.detector
+    )
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
     probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
@@ -190,6 +201,38 @@ def detect(
 class Candidate(NamedTuple):
     kji: npt.NDArray[np.float64]  # index on the 1 mm grid
     score: float  # the detector's heatmap value there
+
+
+def propose(
+    volume: Volume,
+    work: Volume,
+    lungs: npt.NDArray[np.uint8],
+    detector: CandidateDetector,
+    passes_mm: Sequence[float],
+    threshold: float,
+) -> list[Candidate]:
+    """`candidate_points` of the detector run on each grid of `passes_mm` (`work`, with its `lungs`,
+    is the 1 mm one), merged: every pass's peaks at or above `threshold`, the highest first, kept apart
+    as one pass's are, so those of a higher threshold are the first ones of this list. On a finer grid
+    a small nodule spans more voxels; the detector reaches more of them there and fewer of the largest
+    (docs/pipeline.md, "What limits the CPM", item 13)."""
+    peaks: list[Candidate] = []
+    for spacing in passes_mm:
+        grid, grid_lungs = (work, lungs) if spacing == DETECTION_SPACING_MM else _finer(volume, spacing)
+        heatmap, box = detect(grid, grid_lungs, detector)
+        region = candidate_region(grid_lungs, box, spacing)
+        peaks += [
+            Candidate(work.patient_to_index(grid.index_to_patient(p.kji)), p.score)
+            for p in heatmap_peaks(heatmap, box, region, threshold)
+        ]
+    if len(passes_mm) > 1:  # one pass's peaks are in order already (ties as `candidate_points` has them)
+        peaks.sort(key=lambda peak: -peak.score)
+    return [peaks[i] for i in spaced_apart([peak.kji for peak in peaks])]  # 1 mm grid: indices are mm
+
+
+def _finer(volume: Volume, spacing_mm: float) -> tuple[Volume, npt.NDArray[np.uint8]]:
+    grid = resample(volume, spacing_mm)
+    return grid, segment_lungs(grid)
 
 
 def candidate_points(

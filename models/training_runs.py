@@ -174,27 +174,30 @@ class NetworkRecipe:
     mined_candidates: bool = False
     # Its epochs are chosen on the whole validation scans, as the pipeline uses it, rather than by
     # `metric`, which is logged beside it: a function of the shipped weights' folder, the progress
-    # callback and the number of processes that returns the judge of a network.
-    scan_judge: Callable[[Path, Callable[[str], None], int], Callable[[nn.Module], float]] | None = None
+    # callback, the number of processes and the detector's grids (`Pipeline.passes_mm`) that returns
+    # the judge of a network.
+    scan_judge: (
+        Callable[[Path, Callable[[str], None], int, tuple[float, ...]], Callable[[nn.Module], float]] | None
+    ) = None
 
 
 def _candidates_judge(
-    weights_dir: Path, progress: Callable[[str], None], workers: int
+    weights_dir: Path, progress: Callable[[str], None], workers: int, passes_mm: tuple[float, ...]
 ) -> Callable[[nn.Module], float]:
-    """The detector's candidates' CPM (`models.detector_validation`)."""
+    """The detector's candidates' CPM (`models.detector_validation`), on its 1 mm grid."""
     from models.detector_validation import candidate_judge
 
     return candidate_judge("validation", progress, workers)
 
 
 def _behind_detector_judge(
-    weights_dir: Path, progress: Callable[[str], None], workers: int
+    weights_dir: Path, progress: Callable[[str], None], workers: int, passes_mm: tuple[float, ...]
 ) -> Callable[[nn.Module], float]:
-    """The CPM of the shipped detector's candidates scored as the pipeline scores them
-    (`models.classifier_validation`)."""
+    """The CPM of the shipped detector's candidates on the grids of `passes_mm`, scored as the pipeline
+    scores them (`models.classifier_validation`)."""
     from models.classifier_validation import classifier_judge
 
-    return classifier_judge(weights_dir, "validation", progress, workers)
+    return classifier_judge(weights_dir, "validation", progress, workers, passes_mm)
 
 
 RECIPES = {
@@ -392,24 +395,57 @@ def data_record(kind: str | None = None) -> dict[str, Any]:
     }
 
 
+Judge = Callable[[nn.Module], float]
+
+
+def scan_judges(
+    recipe: NetworkRecipe,
+    weights_dir: Path,
+    passes_mm: tuple[float, ...],
+    shipped_passes_mm: tuple[float, ...],
+    progress: Callable[[str], None],
+    workers: int,
+) -> tuple[Judge | None, Judge | None]:
+    """The recipe's scan judge of the networks trained (behind the detector's `passes_mm`) and of the
+    shipped one to beat: a classifier is judged behind the passes it was trained for, so where those
+    differ the shipped classifier gets a judge of its own."""
+    if recipe.scan_judge is None:
+        return None, None
+    judge = recipe.scan_judge(weights_dir, progress, workers, passes_mm)
+    if recipe.name != "classifier" or passes_mm == shipped_passes_mm:
+        return judge, judge
+    return judge, recipe.scan_judge(weights_dir, progress, workers, shipped_passes_mm)
+
+
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _mined(
-    weights_dir: Path, shard_dir: Path, workers: int, progress: Callable[[str], None]
+    weights_dir: Path,
+    shard_dir: Path,
+    passes_mm: tuple[float, ...],
+    workers: int,
+    progress: Callable[[str], None],
 ) -> tuple[tuple[Shard, Shard], dict[str, Any]]:
-    """The shipped detector's candidates on the synthetic training and validation cases, and what
-    they hold."""
+    """The shipped detector's candidates (on the grids of `passes_mm`) on the synthetic training and
+    validation cases, and what they hold."""
     from models.datasets import load_shards
     from models.hard_negatives import detector_tag, mine_shards, mining_sources
 
     detector_path = weights_dir / "detector.pt"
-    progress(f"mining the candidates of {detector_path} on the synthetic cases")
+    grids = " and ".join(f"{s:g} mm" for s in passes_mm)
+    progress(f"mining the candidates of {detector_path} on the synthetic cases, on its {grids} grids")
     train, validation = (
         load_shards(
             mine_shards(
-                split, mining_sources(split), detector_path, shard_dir, workers=workers, progress=progress
+                split,
+                mining_sources(split),
+                detector_path,
+                shard_dir,
+                passes_mm=passes_mm,
+                workers=workers,
+                progress=progress,
             )
         )
         for split in ("train", "validation")
@@ -422,7 +458,11 @@ def _mined(
         }
         for split, shard in (("train", train), ("validation", validation))
     }
-    return (train, validation), {"detector": detector_tag(detector_path), **counts}
+    return (train, validation), {
+        "detector": detector_tag(detector_path),
+        "passes_mm": list(passes_mm),
+        **counts,
+    }
 
 
 def train_all(
@@ -435,13 +475,16 @@ def train_all(
     from_shipped: bool = False,
     start_from: Path | None = None,
     weights_dir: Path | None = None,
+    passes_mm: tuple[float, ...] | None = None,
     workers: int = 1,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Build (or reuse) the shards in `workers` processes, train each network, and ship the best
-    weights with their metadata."""
+    weights with their metadata. `passes_mm`: the detector's grids that a classifier is trained and
+    judged behind, and that its metadata names for the pipeline (default: the shipped classifier's)."""
     from models.datasets import build_shards, load_shards
-    from models.pipeline import WEIGHTS_DIR
+    from models.networks import load_model as load_network
+    from models.pipeline import WEIGHTS_DIR, passes_of
 
     unknown = sorted(set(networks) - set(RECIPES))
     if unknown:
@@ -449,6 +492,8 @@ def train_all(
     # The classifier mines the shipped detector's candidates: a detector trained in this run goes first.
     networks = [name for name in RECIPES if name in networks]
     weights = weights_dir or WEIGHTS_DIR
+    shipped_passes = passes_of(load_network(weights / "classifier.pt")[1])
+    passes = passes_mm or shipped_passes
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, workers=workers, progress=progress)
     validation = load_shards(build_shards("validation", shard_dir, workers=workers, progress=progress))
@@ -466,7 +511,9 @@ def train_all(
         entry: dict[str, Any] = {}
         sets = {"synthetic": synthetic, "real": real, "validation": validation}
         if recipe.mined_candidates:
-            (mined_train, mined_validation), entry["mined"] = _mined(weights, shard_dir, workers, progress)
+            (mined_train, mined_validation), entry["mined"] = _mined(
+                weights, shard_dir, passes, workers, progress
+            )
             sets = {
                 "synthetic": Shard.concatenate([synthetic, mined_train]),
                 "real": Shard.concatenate([real, mined_train]),
@@ -487,12 +534,13 @@ def train_all(
             for stage in (Stage("synthetic", sets["synthetic"], budget.pretrain_epochs, budget.lr), finetune)
             if stage.epochs > 0
         ]
-        judge = None  # the previous network's judge lets go of its scans before this one loads its own
-        if recipe.scan_judge is not None:
-            judge = recipe.scan_judge(weights, progress, workers)
+        judge, shipped_judge = None, None  # the previous network's let go of their scans first
+        judge, shipped_judge = scan_judges(recipe, weights, passes, shipped_passes, progress, workers)
+        if name == "classifier":
+            entry["detection_passes_mm"] = list(passes)
         start, to_beat = None, None
         if from_shipped or start_from is not None:
-            start, measured = shipped_start(recipe, weights, sets["validation"], judge)
+            start, measured = shipped_start(recipe, weights, sets["validation"], shipped_judge)
             to_beat = measured["validation_metric"]
             entry["continued_from"] = measured
             if start_from is not None:

@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.classifier_validation import CandidateScan, candidate_scans, classifier_cpm
-from models.detector_validation import ValidationCase
+from models.classifier_validation import CandidateScan, candidate_scan, classifier_cpm
 from models.evaluation_runs import truth_of
 from models.networks import FalsePositiveClassifier, load_model
 from models.pipeline import WEIGHTS_DIR, Pipeline
@@ -23,10 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def scan() -> CandidateScan:
     case = synthesize_case(22, 3, n_slices=100)
-    (scan,) = candidate_scans(
-        [ValidationCase.of(truth_of(case, "synthetic-22"), case.volume)], Pipeline.load(device="cpu")
-    )
-    return scan
+    return candidate_scan(truth_of(case, "synthetic-22"), case.volume, Pipeline.load(device="cpu"))
 
 
 def shipped_classifier() -> FalsePositiveClassifier:

@@ -16,14 +16,17 @@ from models.hard_negatives import (
     DETECTOR_NEGATIVES_PER_SCAN,
     EDGE_MARGIN_MM,
     MINED_LAYOUT,
+    MINING_THRESHOLD,
     candidate_label,
     detector_tag,
     mine_shards,
     mined_samples,
     mining_sources,
 )
-from models.networks import load_model
-from models.pipeline import WEIGHTS_DIR
+from models.lungs import segment_lungs
+from models.networks import CandidateDetector, load_model
+from models.pipeline import WEIGHTS_DIR, propose
+from models.preprocessing import resample
 from models.synthetic.cases import synthesize_case
 from models.training_data import CLASSIFIER_PATCH, DETECTION_PATCH, Shard
 
@@ -80,6 +83,17 @@ def test_the_shipped_detector_s_candidates_become_classifier_patches_and_detecto
     assert np.array_equal(again.detection_images, mined.detection_images)
     moved = mined_samples(case, detector, np.random.default_rng(1))
     assert not np.array_equal(moved.detection_images, mined.detection_images)
+
+
+def test_the_candidates_of_every_detection_pass_are_mined(case) -> None:
+    detector, _ = load_model(WEIGHTS_DIR / "detector.pt")
+    assert isinstance(detector, CandidateDetector)
+    work = resample(case.volume, 1.0)
+    candidates = propose(case.volume, work, segment_lungs(work), detector, (1.0, 0.7), MINING_THRESHOLD)
+    truth = truth_of(case, "mined")
+    labels = [candidate_label(work.index_to_patient(c.kji), truth) for c in candidates]
+    mined = mined_samples(case, detector, np.random.default_rng(0), passes_mm=(1.0, 0.7))
+    assert list(mined.classifier_labels) == [label for label in labels if label is not None]
 
 
 def test_mined_shards_are_cached_per_detector(tmp_path) -> None:

@@ -10,17 +10,30 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import CandidateDetector, FalsePositiveClassifier, NoduleSegmenter, SegmenterConfig
+from models.lungs import segment_lungs
+from models.networks import (
+    CandidateDetector,
+    FalsePositiveClassifier,
+    NoduleSegmenter,
+    SegmenterConfig,
+    load_model,
+    save_model,
+)
 from models.pipeline import (
+    WEIGHTS_DIR,
     Fate,
     Pipeline,
     Thresholds,
     analyze,
     candidate_points,
     candidate_region,
+    detect,
     nodule_probability,
+    passes_of,
+    propose,
     segment,
 )
+from models.preprocessing import resample
 from models.synthetic.cases import synthesize_case
 from models.training_data import Shard
 from models.training_runs import PatchSet, _stride2_peaks, average_precision, mean_dice, roc_auc
@@ -108,6 +121,38 @@ def test_candidate_points_are_peaks_in_the_lungs() -> None:
     assert [p.score for p in points] == pytest.approx([0.9, 0.7])
     lungs[:] = 0
     assert candidate_points(heat, box, candidate_region(lungs, box), threshold=0.5) == []
+
+
+def test_a_finer_pass_merges_its_candidates_with_the_1_mm_ones(case) -> None:
+    """The shipped detector on the 1 mm grid alone gives `candidate_points`; with a 0.7 mm pass beside
+    it, the peaks of both, the highest first, 5 mm apart, at most 40, some of them the finer pass's."""
+    detector, _ = load_model(WEIGHTS_DIR / "detector.pt")
+    assert isinstance(detector, CandidateDetector)
+    work = resample(case.volume, 1.0)
+    lungs = segment_lungs(work)
+    heatmap, box = detect(work, lungs, detector)
+    coarse = candidate_points(heatmap, box, candidate_region(lungs, box), 0.3)
+    alone = propose(case.volume, work, lungs, detector, (1.0,), 0.3)
+    assert [(tuple(c.kji), c.score) for c in alone] == [(tuple(c.kji), c.score) for c in coarse]
+    merged = propose(case.volume, work, lungs, detector, (1.0, 0.7), 0.3)
+    scores = [c.score for c in merged]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= 0.3 and len(merged) <= 40
+    points = np.array([c.kji for c in merged])
+    gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 99
+    assert gaps.min() >= 5.0
+    from_coarse = [any(np.allclose(c.kji, k.kji) for k in coarse) for c in merged]
+    assert any(from_coarse) and not all(from_coarse)
+
+
+def test_the_passes_come_with_the_classifier(tmp_path) -> None:
+    """A classifier names the detector's grids it learnt behind; one that names none, the 1 mm grid."""
+    assert passes_of({}) == (1.0,)
+    assert passes_of({"detection_passes_mm": [1, 0.7]}) == (1.0, 0.7)
+    for name in ("detector", "segmenter"):
+        (tmp_path / f"{name}.pt").write_bytes((WEIGHTS_DIR / f"{name}.pt").read_bytes())
+    classifier, metadata = load_model(WEIGHTS_DIR / "classifier.pt")
+    save_model(classifier, tmp_path / "classifier.pt", {**metadata, "detection_passes_mm": [1.0, 0.7]})
+    assert Pipeline.load(tmp_path, device="cpu").passes_mm == (1.0, 0.7)
 
 
 def test_segment_maps_the_patch_back_onto_the_series_grid(case) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from models.networks import (
 )
 from models.training import TrainConfig, _autocast, native_bfloat16, train
 from models.training_data import Shard
-from models.training_runs import RECIPES, Budget, Stage, shipped_start, train_network
+from models.training_runs import RECIPES, Budget, Stage, scan_judges, shipped_start, train_network
 
 NO_AFFINE = AugmentConfig(affine_prob=0.0)
 GEOMETRY_ONLY = AugmentConfig(intensity_scale=(1, 1), intensity_shift=(0, 0), noise_prob=0.0)
@@ -324,3 +326,40 @@ def test_train_refuses_a_budget_of_no_epochs(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "nothing to train" in result.output
     assert not any(tmp_path.iterdir())  # no shard built
+
+
+def test_a_classifier_for_other_detection_passes_is_measured_against_the_shipped_one_behind_its_own(
+    tmp_path: Path,
+) -> None:
+    asked: list[tuple[float, ...]] = []
+
+    def judge_behind(
+        weights_dir: Path, progress: Callable[[str], None], workers: int, passes_mm: tuple[float, ...]
+    ) -> Callable[[torch.nn.Module], float]:
+        asked.append(passes_mm)
+        return lambda model: float(len(passes_mm))
+
+    classifier = dataclasses.replace(RECIPES["classifier"], scan_judge=judge_behind)
+    judge, shipped = scan_judges(classifier, tmp_path, (1.0, 0.7), (1.0,), print, 1)
+    assert judge is not None and shipped is not None
+    assert asked == [(1.0, 0.7), (1.0,)] and (judge(None), shipped(None)) == (2.0, 1.0)  # type: ignore[arg-type]
+    asked.clear()
+    judge, shipped = scan_judges(classifier, tmp_path, (1.0,), (1.0,), print, 1)
+    assert judge is shipped and asked == [(1.0,)]
+    detector = dataclasses.replace(RECIPES["detector"], scan_judge=judge_behind)
+    judge, shipped = scan_judges(detector, tmp_path, (1.0, 0.7), (1.0,), print, 1)
+    assert judge is shipped  # the detector's own judge: its 1 mm candidates
+    assert scan_judges(RECIPES["segmenter"], tmp_path, (1.0,), (1.0,), print, 1) == (None, None)
+
+
+def test_train_refuses_detection_passes_that_do_not_start_at_1_mm(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cad_node.cli import main
+
+    for passes in ("0.7", "1.0,0.3", "1.0,abc", "1.0,1.0"):
+        result = CliRunner().invoke(
+            main, ["train", "--data-dir", str(tmp_path), "--detection-passes", passes]
+        )
+        assert result.exit_code == 2 and "--detection-passes" in result.output, passes
+    assert not any(tmp_path.iterdir())
