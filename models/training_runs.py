@@ -483,8 +483,8 @@ def train_all(
     weights with their metadata. `passes_mm`: the detector's grids that a classifier is trained and
     judged behind, and that its metadata names for the pipeline (default: the shipped classifier's)."""
     from models.datasets import build_shards, load_shards
-    from models.networks import load_model as load_network
     from models.pipeline import WEIGHTS_DIR, passes_of
+    from models.preprocessing import DETECTION_SPACING_MM
 
     unknown = sorted(set(networks) - set(RECIPES))
     if unknown:
@@ -492,7 +492,12 @@ def train_all(
     # The classifier mines the shipped detector's candidates: a detector trained in this run goes first.
     networks = [name for name in RECIPES if name in networks]
     weights = weights_dir or WEIGHTS_DIR
-    shipped_passes = passes_of(load_network(weights / "classifier.pt")[1])
+    shipped_classifier = weights / "classifier.pt"
+    shipped_passes = (
+        passes_of(load_model(shipped_classifier)[1])
+        if shipped_classifier.exists()
+        else (DETECTION_SPACING_MM,)
+    )
     passes = passes_mm or shipped_passes
     shard_dir = data_dir / "shards"
     train_paths = build_shards("train", shard_dir, workers=workers, progress=progress)
