@@ -225,8 +225,7 @@ def propose(
             Candidate(work.patient_to_index(grid.index_to_patient(p.kji)), p.score)
             for p in heatmap_peaks(heatmap, box, region, threshold)
         ]
-    if len(passes_mm) > 1:  # one pass's peaks are in order already (ties as `candidate_points` has them)
-        peaks.sort(key=lambda peak: -peak.score)
+    peaks.sort(key=lambda peak: -peak.score)  # stable: one pass's order (and ties) stays as it was
     return [peaks[i] for i in spaced_apart([peak.kji for peak in peaks])]  # 1 mm grid: indices are mm
 
 
