@@ -350,6 +350,10 @@ def evaluate(
         f"model {pipeline.version}, detector threshold {pipeline.thresholds.detector}, "
         f"operating point p >= {pipeline.thresholds.probability}"
     )
+    click.echo(
+        f"held-out cases: {output.held_out.scans}, fingerprint {output.cases_fingerprint} "
+        "(figures compare only between reports of the same fingerprint)"
+    )
     click.echo(output.held_out.format_table())
     click.echo("At the operating point, by background (insertions: into the LIDC scans training also saw)")
     for kind, figures in output.by_background.items():

@@ -4,6 +4,7 @@ false positives."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +62,7 @@ class EvaluationOutput:
     lidc_listings: list[str]
     seconds_per_scan: list[float]
     files: list[Path]
+    cases_fingerprint: str  # `cases_fingerprint` of the held-out cases
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,23 @@ def truth_of(case: Case, case_id: str) -> ScanTruth:
     return ScanTruth(case_id=case_id, targets=targets, ignore=list(case.ignore))
 
 
+def cases_fingerprint(truths: Sequence[ScanTruth]) -> str:
+    """Which held-out cases a report was measured on: a digest of each case's nodules (type, centre
+    and diameter to 0.1 mm). The data layer draws the same cases from the same seeds only on CPUs whose
+    numpy computes the same last bits: the synthetic chests' vessel trees and the nodules' placement
+    branch on them, and numpy's transcendental functions differ on CPUs with and without AVX-512
+    (docs/pipeline.md, "What limits the CPM", item 17). Figures of two reports compare only where
+    their fingerprints agree."""
+    digest = hashlib.sha256()
+    for truth in truths:
+        nodules = sorted(
+            (t.nodule_type, *(round(float(v), 1) for v in t.centre_mm), round(t.mean_diameter_mm, 1))
+            for t in truth.targets
+        )
+        digest.update(json.dumps([truth.case_id, nodules]).encode())
+    return digest.hexdigest()[:12]
+
+
 def analysed_cases(
     pipeline: Pipeline,
     sources: Sequence[CaseSource],
@@ -174,6 +193,7 @@ def evaluate_pipeline(
                 _overlay(case.volume, truth, analysis, out_dir / f"overlay-{source.name}.png", pipeline)
             )
     report = evaluate(scans, threshold=pipeline.thresholds.probability if threshold is None else threshold)
+    fingerprint = cases_fingerprint([truth for truth, _ in scans])
     by_background = figures_by_background(report.matches, kinds, report.threshold)
     missed = missed_by_stage(report.matches, candidates)
     files = [out_dir / "froc.png", out_dir / "report.json", *overlays]
@@ -192,6 +212,7 @@ def evaluate_pipeline(
         json.dumps(
             {
                 "held_out": report.to_json(),
+                "held_out_cases_fingerprint": fingerprint,
                 "by_background": {kind: f.to_json() for kind, f in by_background.items()},
                 "missed_by_stage": {group: dict(counts) for group, counts in missed.items()},
                 "lidc": listings,
@@ -208,6 +229,7 @@ def evaluate_pipeline(
         lidc_listings=listings,
         seconds_per_scan=seconds,
         files=files,
+        cases_fingerprint=fingerprint,
     )
 
 

@@ -246,14 +246,19 @@ def candidate_points(
     return [peaks[i] for i in spaced_apart([peak.kji for peak in peaks])]  # 1 mm grid: indices are mm
 
 
-def spaced_apart(points_mm: Sequence[npt.NDArray[np.float64]]) -> list[int]:
+def spaced_apart(
+    points_mm: Sequence[npt.NDArray[np.float64]],
+    separation_mm: float = CANDIDATE_SEPARATION_MM,
+    most: int = MAX_CANDIDATES,
+) -> list[int]:
     """Which of `points_mm` (the most probable first) the candidates keep: each point at least
-    `CANDIDATE_SEPARATION_MM` from every point kept before it, at most `MAX_CANDIDATES`."""
+    `separation_mm` from every point kept before it, at most `most` (the pipeline's constants unless
+    an experiment asks for others)."""
     kept: list[int] = []
     for index, point in enumerate(points_mm):
-        if len(kept) >= MAX_CANDIDATES:
+        if len(kept) >= most:
             break
-        if all(np.linalg.norm(point - points_mm[k]) >= CANDIDATE_SEPARATION_MM for k in kept):
+        if all(np.linalg.norm(point - points_mm[k]) >= separation_mm for k in kept):
             kept.append(index)
     return kept
 

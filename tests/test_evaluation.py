@@ -524,3 +524,22 @@ def test_a_missed_nodule_is_counted_where_the_pipeline_lost_it() -> None:
     assert not missed["3-6 mm"]
     missed = missed_by_stage([match_scan(_truth([small]), [])], [[]])
     assert missed["all"] == missed["3-6 mm"] == {NO_CANDIDATE: 1}
+
+
+def test_the_cases_fingerprint_names_the_cases_a_report_was_measured_on() -> None:
+    from models.evaluation_runs import cases_fingerprint
+
+    scans = [_truth([_target(1, (10.0, 20.0, 30.0), 4.2), _target(2, diameter=12.0)], case_id="a")]
+    same = [_truth([_target(2, diameter=12.0), _target(1, (10.0, 20.0, 30.0), 4.2)], case_id="a")]
+    assert cases_fingerprint(scans) == cases_fingerprint(same)  # the nodules' order does not matter
+    # Below the 0.1 mm it rounds to, last-bit differences of a centre do not change it.
+    nudged = [_truth([_target(1, (10.0 + 1e-9, 20.0, 30.0), 4.2), _target(2, diameter=12.0)], case_id="a")]
+    assert cases_fingerprint(nudged) == cases_fingerprint(scans)
+    moved = [_truth([_target(1, (10.5, 20.0, 30.0), 4.2), _target(2, diameter=12.0)], case_id="a")]
+    other_type = [
+        _truth([_target(1, (10.0, 20.0, 30.0), 4.2, "part-solid"), _target(2, diameter=12.0)], case_id="a")
+    ]
+    renamed = [_truth(scans[0].targets, case_id="b")]
+    fingerprints = {cases_fingerprint(s) for s in (scans, moved, other_type, renamed)}
+    assert len(fingerprints) == 4
+    assert all(len(f) == 12 for f in fingerprints)

@@ -74,6 +74,8 @@ def test_evaluate_reports_on_a_few_held_out_cases(lidc_dir: Path, tmp_path: Path
     assert "Nodules never found" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["seconds_per_scan"]) == 4  # 2 held-out cases, 2 LIDC scans
+    fingerprint = report["held_out_cases_fingerprint"]
+    assert f"held-out cases: 2, fingerprint {fingerprint}" in result.output
     assert set(report["missed_by_stage"]) == {"all", "3-6 mm"}
     assert [listing.splitlines()[0] for listing in report["lidc"]] == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
     assert (tmp_path / "froc.png").stat().st_size > 0
