@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 from inference_variants import flipped_heatmap
-from scipy import ndimage
 
 from models.datasets import SPLITS, Backgrounds, make_case, split_sources
 from models.detector_validation import CANDIDATE_FLOOR, cpm_by_group
@@ -40,6 +39,7 @@ from models.pipeline import (
     classify,
     detect,
     heatmap_peaks,
+    local_maxima,
     nodule_probability,
     spaced_apart,
 )
@@ -92,25 +92,20 @@ def stitch(phases: Phases, size: Sequence[int]) -> npt.NDArray[np.float32]:
     return stitched
 
 
-def shifted_peaks(pipeline: Pipeline, volume: Volume) -> dict[str, Peaks]:
-    """The 1 mm pass on the 8 sampling phases: their heatmaps stitched into one of every voxel
-    ("stitched", its local maxima within 3 mm), and the phase shifted by one voxel along all three
-    axes alone ("shift 1,1,1"), to merge with the unshifted one."""
-    work = resample(volume, DETECTION_SPACING_MM)
-    lungs = segment_lungs(work)
+def shifted_peaks(pipeline: Pipeline, work: Volume, lungs: npt.NDArray[np.uint8]) -> dict[str, Peaks]:
+    """The pass on the 1 mm grid `work` (with its `lungs`) on the 8 sampling phases: their heatmaps
+    stitched into one of every voxel ("stitched", its local maxima within 3 mm), and the phase shifted
+    by one voxel along all three axes alone ("shift 1,1,1"), to merge with the unshifted one."""
     box = lung_box(lungs, work.spacing)
     phases = phase_heatmaps(pipeline.detector, work.hu, box)
     stitched = stitch(phases, [s.stop - s.start for s in box])
     region = search_region(lungs[box], DETECTION_SPACING_MM)
-    local = (stitched == ndimage.maximum_filter(stitched, size=3)) & (stitched >= CANDIDATE_FLOOR) & region
-    indices = np.argwhere(local)
-    order = np.argsort(stitched[tuple(indices.T)])[::-1]
     start = np.array([s.start for s in box], dtype=np.float64)
     corner, moved = phases[(1, 1, 1)]
     return {
         "1.0 mm stitched": [
             (float(stitched[tuple(i)]), np.asarray(work.index_to_patient(i + 0.5 + start), dtype=np.float64))
-            for i in indices[order]
+            for i in local_maxima(stitched, region, CANDIDATE_FLOOR)
         ],
         "1.0 mm shift 1,1,1": [
             (peak.score, np.asarray(work.index_to_patient(peak.kji), dtype=np.float64))
@@ -180,27 +175,25 @@ def main() -> None:
             clock = time.perf_counter()
             runs[name] = peaks(pipeline, case.volume, spacing, flip)
             seconds[name] += time.perf_counter() - clock
-        if args.shifts:
+        work = resample(case.volume, DETECTION_SPACING_MM) if args.classifier or args.shifts else None
+        if args.shifts and work is not None:
             clock = time.perf_counter()
-            runs |= shifted_peaks(pipeline, case.volume)
+            runs |= shifted_peaks(pipeline, work, segment_lungs(work))
             seconds["8 shifts"] += time.perf_counter() - clock
         base = f"{spacings[0]} mm"
         variants = {name: [one] for name, one in runs.items()}
         variants |= {f"{base} with {s} mm": [runs[base], runs[f"{s} mm"]] for s in spacings[1:]}
         if args.shifts:
             variants["1.0 mm with shift 1,1,1"] = [runs["1.0 mm"], runs["1.0 mm shift 1,1,1"]]
-        work = resample(case.volume, DETECTION_SPACING_MM) if args.classifier else None
-        spacings_apart: dict[str, float | None] = {name: None for name in variants}
-        if args.closer:
-            spacings_apart |= {f"{name}, {args.closer} mm apart": args.closer for name in variants}
-        for name, apart in spacings_apart.items():
-            passes = variants[name.split(", ")[0]]
-            found = as_detections(merged(passes, 0.0, apart))
-            matches[name].append(match_scan(truth, found, CANDIDATE_RULES))
-            if work is not None:
-                candidates = merged(passes, pipeline.thresholds.detector, apart)
-                found = classified(pipeline, work, candidates)
-                behind[name].append(match_scan(truth, found, CANDIDATE_RULES))
+        for apart in [None, args.closer] if args.closer else [None]:
+            for variant, passes in variants.items():
+                name = variant if apart is None else f"{variant}, {apart} mm apart"
+                found = as_detections(merged(passes, 0.0, apart))
+                matches[name].append(match_scan(truth, found, CANDIDATE_RULES))
+                if args.classifier and work is not None:
+                    candidates = merged(passes, pipeline.thresholds.detector, apart)
+                    found = classified(pipeline, work, candidates)
+                    behind[name].append(match_scan(truth, found, CANDIDATE_RULES))
     print(f"\n{args.split}: {len(sources)} scans; candidates' CPM (hit radius at least 3 mm)")
     for name, found in matches.items():
         print(f"{name:22s} {cpm_by_group(found)}")

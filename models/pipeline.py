@@ -272,11 +272,21 @@ def heatmap_peaks(
     """Every local maximum of the heatmap at or above `threshold` in the search region (the heatmap's
     cells that `candidate_region` keeps), the most probable first; `kji` on the grid the heatmap was
     computed on (cell i covers voxels 2i and 2i + 1 of `box`)."""
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    return [
+        Candidate(index * 2 + 0.5 + offset, float(heatmap[tuple(index)]))
+        for index in local_maxima(heatmap, region, threshold)
+    ]
+
+
+def local_maxima(
+    heatmap: npt.NDArray[np.float32], region: npt.NDArray[np.bool_], threshold: float
+) -> npt.NDArray[np.intp]:
+    """The cells (N, 3) where the heatmap is the highest of its 3x3x3 neighbours, at or above
+    `threshold` and in `region`, the most probable first."""
     peaks = (heatmap == ndimage.maximum_filter(heatmap, size=3)) & (heatmap >= threshold) & region
     indices = np.argwhere(peaks)
-    order = np.argsort(heatmap[tuple(indices.T)])[::-1]
-    offset = np.array([s.start for s in box], dtype=np.float64)
-    return [Candidate(index * 2 + 0.5 + offset, float(heatmap[tuple(index)])) for index in indices[order]]
+    return indices[np.argsort(heatmap[tuple(indices.T)])[::-1]]
 
 
 def candidate_region(
