@@ -133,10 +133,10 @@ def truth_of(case: Case, case_id: str) -> ScanTruth:
 
 def cases_fingerprint(truths: Sequence[ScanTruth]) -> str:
     """Which held-out cases a report was measured on: a digest of each case's nodules (type, centre
-    and diameter to 0.1 mm). The data layer draws the same cases from the same seeds only on CPUs whose
-    numpy computes the same last bits: the synthetic chests' vessel trees and the nodules' placement
-    branch on them, and CPUs with and without AVX-512 draw other cases (docs/pipeline.md, "What limits
-    the CPM", item 17). Figures of two reports compare only where their fingerprints agree."""
+    and diameter to 0.1 mm). The data layer now draws the same cases to the bit whatever kernels
+    OpenBLAS and numpy pick on an x86-64 CPU (`models.synthetic.portable`), but it drew others before,
+    on other CPUs too, and will whenever it changes (docs/pipeline.md, "What limits the CPM",
+    item 17). Figures of two reports compare only where their fingerprints agree."""
     digest = hashlib.sha256()
     for truth in truths:
         nodules = sorted(

@@ -25,6 +25,8 @@ import numpy.typing as npt
 import scipy.fft
 import scipy.ndimage as ndi
 
+from models.synthetic.portable import exp
+
 KERNELS = ("soft", "sharp")
 
 # DICOM ConvolutionKernel names by vendor family, for the sampler.
@@ -189,7 +191,7 @@ def apply_in_plane_resolution(hu: npt.NDArray[np.float32], acq: Acquisition) -> 
 def _gaussian_taps(sigma: float, truncate: float = 3.0) -> npt.NDArray[np.float64]:
     radius = max(1, int(truncate * sigma + 0.5))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
-    taps = np.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
+    taps = exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
     return taps / taps.sum()
 
 
@@ -225,7 +227,7 @@ def noise_power_filter(acq: Acquisition, n_j: int, n_i: int) -> npt.NDArray[np.f
     # Measured NPS do not vanish at DC (interpolation, beam hardening, tube drift): a floor there,
     # larger for the smooth kernels, whose noise looks blotchier.
     floor = _NPS_FLOOR[acq.kernel]
-    return (np.sqrt(f + floor) * np.exp(-((f / cutoff) ** 2))).astype(np.float32)
+    return (np.sqrt(f + floor) * exp(-((f / cutoff) ** 2))).astype(np.float32)
 
 
 def _noise_bank(

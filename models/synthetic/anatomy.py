@@ -42,6 +42,7 @@ from models.synthetic.acquisition import (
     apply_through_plane_resolution,
     sample_acquisition,
 )
+from models.synthetic.portable import arccos, arctan2, cos, dot, exp, norm, power, principal_axes, sin
 from models.volume import Volume
 
 F32 = np.float32
@@ -342,9 +343,9 @@ def _sample_patient(acq: Acquisition, rng: np.random.Generator) -> _Patient:
 def _heart_rotation(rng: np.random.Generator) -> npt.NDArray[np.float64]:
     """Rows: the heart's long axis (to the apex: left, anterior, inferior) and two normals."""
     long_axis = np.array([_u(rng, 0.55, 0.75), -_u(rng, 0.45, 0.65), -_u(rng, 0.35, 0.55)])
-    long_axis /= np.linalg.norm(long_axis)
+    long_axis /= norm(long_axis)
     second = np.cross(long_axis, [0.0, 0.0, 1.0])
-    second /= np.linalg.norm(second)
+    second /= norm(second)
     third = np.cross(long_axis, second)
     return np.stack([long_axis, second, third])
 
@@ -500,7 +501,7 @@ def _superellipse_radius(
     posterior = _smoothstep((s + 0.4) / 0.8)
     b = b_ant + (b_post - b_ant) * posterior
     p = p_ant + (p_post - p_ant) * posterior
-    return (np.abs(c / a) ** p + np.abs(s / b) ** p) ** (-1.0 / p)
+    return power(power(np.abs(c / a), p) + power(np.abs(s / b), p), -1.0 / p)
 
 
 class _SliceRenderer:
@@ -536,7 +537,7 @@ class _SliceRenderer:
         self.cavity_parts = tuple(part[index].astype(F32) for part in cavity_parts)
         self.muscle_depth = muscle_depth[index].astype(F32)
         # Angle from the posterior midline: 0 at the spine, pi at the sternum, on either side.
-        phi = np.arccos(np.clip(dy / np.maximum(r, 1e-6), -1.0, 1.0))
+        phi = arccos(np.clip(dy / np.maximum(r, 1e-6), -1.0, 1.0))
         self.phi = phi.astype(F32)
         phi0, phi1 = np.radians(20.0), np.radians(9.0)
         self.rib_progress = ((phi - phi0) / (np.pi - phi0 - phi1)).astype(F32)
@@ -567,14 +568,14 @@ class _SliceRenderer:
         # Muscle by angle from the spine (paraspinal, trapezius and latissimus, serratus, pectoral,
         # thin over the sternum); subcutaneous fat fills the rest of the wall, so that where the
         # rib cage narrows (the upper chest) the fat (axillae) takes up the room.
-        muscle = np.interp(np.arccos(s), _MUSCLE_PHI, p.muscle_profile)
+        muscle = np.interp(arccos(s), _MUSCLE_PHI, p.muscle_profile)
         muscle = ndi.gaussian_filter1d(muscle, N_THETA / 36.0, mode="wrap")  # no corners
         for order, amplitude, phase in p.muscle_harmonics:
             muscle *= 1.0 + amplitude * np.cos(order * t + phase)
         return body, cavity_parts, 2 * p.rib_half_thick + 2.0 + muscle
 
     def _theta_index(self, xg: FloatArray, dy: FloatArray) -> npt.NDArray[np.intp]:
-        theta = np.arctan2(dy, xg)
+        theta = arctan2(dy, xg)
         return ((theta + np.pi) / (2 * np.pi) * N_THETA).astype(np.intp) % N_THETA
 
     def _body_box(self, x: FloatArray, y: FloatArray, body_r: npt.NDArray[np.float64]) -> tuple[slice, slice]:
@@ -647,7 +648,7 @@ class _SliceRenderer:
         stomach = ((u - 0.45) / 0.38) ** 2 + ((v + 0.25) / 0.42) ** 2 < 1.0
         spleen = ((u - 0.62) / 0.26) ** 2 + ((v - 0.38) / 0.36) ** 2 < 1.0
         # The liver's left edge: a smooth curve, far left in front (left lobe), midline behind.
-        edge = 0.35 * np.exp(-(((v + 0.35) / 0.45) ** 2)) - 0.05
+        edge = 0.35 * exp(-(((v + 0.35) / 0.45) ** 2)) - 0.05
         liver = u < edge
         hu[stomach] = 0.6 * p.muscle_hu
         hu[spleen] = p.spleen_hu
@@ -1278,7 +1279,7 @@ class _Envelope:
 def _plane_capsule_distance(t: _Tubes, a: int, xs: FloatArray, ys: FloatArray, z: float) -> FloatArray:
     """Signed distance from points (xs, ys, z) to capsule ``a`` of ``t`` (negative inside)."""
     p0, u = t.p0[a], t.p1[a] - t.p0[a]
-    length2 = max(float(u @ u), 1e-9)
+    length2 = max(float(dot(u, u)), 1e-9)
     dx, dy, dz = xs - p0[0], ys - p0[1], z - p0[2]
     s = np.clip((dx * u[0] + dy * u[1] + dz * u[2]) / length2, 0.0, 1.0)
     d = np.sqrt((dx - s * u[0]) ** 2 + (dy - s * u[1]) ** 2 + (dz - s * u[2]) ** 2)
@@ -1446,7 +1447,7 @@ def _mediastinal_tubes(p: _Patient, rng: np.random.Generator, z_top: float, z_bo
 
 def _unit(v: npt.ArrayLike) -> npt.NDArray[np.float64]:
     v = np.asarray(v, dtype=np.float64)
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return v / np.maximum(norm(v)[..., None], 1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1471,7 +1472,7 @@ class _Tree:
         on slices come near those of the LIDC cases."""
         n = self.supplied.astype(np.float64)
         hilar = 1.0 + 2.0 * np.sqrt(n / n.max())
-        return leaf_radius * n ** (1.0 / exponent) * hilar
+        return leaf_radius * power(n, 1.0 / exponent) * hilar
 
 
 def _sample_lung_points(
@@ -1573,17 +1574,17 @@ def _branch_ends(
     Murray's minimum-work bifurcation for its share of the flow: the larger child nearly goes
     straight on, the smaller one leaves at a wide angle."""
     to_c = centroid - origin
-    dist = np.linalg.norm(to_c, axis=1)
+    dist = norm(to_c)
     direction = _unit(to_c)
     if level > 0:
         cosang = np.clip(np.sum(direction * parent_dir, axis=1), -1.0, 1.0)
         f = np.clip(share, 1e-3, 1.0)
-        cos_murray = (1 + f ** (4 / 3) - (1 - f) ** (4 / 3)) / (2 * f ** (2 / 3))
-        angle = np.minimum(np.arccos(cosang), np.arccos(np.clip(cos_murray, -1.0, 1.0)))
+        cos_murray = (1 + power(f, 4 / 3) - power(1 - f, 4 / 3)) / (2 * power(f, 2 / 3))
+        angle = np.minimum(arccos(cosang), arccos(np.clip(cos_murray, -1.0, 1.0)))
         angle += rng.normal(0, np.radians(4.0), len(angle))
         perp = direction - cosang[:, None] * parent_dir
-        perp = np.where((np.linalg.norm(perp, axis=1) > 1e-6)[:, None], _unit(perp), direction)
-        direction = np.cos(angle)[:, None] * parent_dir + np.sin(angle)[:, None] * perp
+        perp = np.where((norm(perp) > 1e-6)[:, None], _unit(perp), direction)
+        direction = cos(angle)[:, None] * parent_dir + sin(angle)[:, None] * perp
     fraction = rng.uniform(0.35, 0.5, len(dist))
     length = fraction * dist
     terminal = (counts <= 1) | (length < min_length)
@@ -1612,8 +1613,10 @@ def _split_sides(
     for a in range(3):
         for b in range(a, 3):
             cov[:, a, b] = cov[:, b, a] = np.bincount(owner, q[:, a] * q[:, b], minlength=m)
-    _, vectors = np.linalg.eigh(cov + 1e-9 * np.eye(3))
-    normal = vectors[:, :, 2]
+    normal = principal_axes(cov + 1e-9 * np.eye(3))
+    # Either side may get the smaller share: an eigenvector's sign leans one way (LAPACK's another),
+    # and a lean grows trees of another size.
+    normal *= np.where(rng.random(m) < 0.5, -1.0, 1.0)[:, None]
     projection = np.sum(q * normal[owner], axis=1)
     counts = np.bincount(owner, minlength=m)
     order = np.lexsort((projection, owner))
@@ -1644,8 +1647,8 @@ def _airway_tree(
     for b in idx:
         ref = root_offset if tree.parent[b] < 0 else offset_dir[tree.parent[b]]
         d = direction[b]
-        v = ref - np.dot(ref, d) * d
-        offset_dir[b] = _unit(v) if np.linalg.norm(v) > 1e-6 else _unit(np.cross(d, [0.0, 0.0, 1.0]))
+        v = ref - dot(ref, d) * d
+        offset_dir[b] = _unit(v) if norm(v) > 1e-6 else _unit(np.cross(d, [0.0, 0.0, 1.0]))
     lumen_r = radii[idx] * rng.uniform(0.65, 0.9, len(idx))
     wall = 0.2 * lumen_r + 0.3
     gap = radii[idx] + lumen_r + wall + 0.4
@@ -1845,7 +1848,7 @@ def _bend(tubes: _Tubes, rng: np.random.Generator, min_length: float = 5.0) -> _
     """Split each branch longer than ``min_length`` in three pieces along a gentle bow (up to ~7 %
     of its length sideways): real vessels curve. The branch ends stay where they were."""
     d = tubes.p1 - tubes.p0
-    length = np.linalg.norm(d, axis=1)
+    length = norm(d)
     long = length > min_length
     if not long.any():
         return tubes

@@ -8,6 +8,7 @@ out for lobulated nodules, and with tapering spicules for spiculated ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy.typing as npt
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from models.synthetic.portable import dot, matmul, norm
 from models.volume import Volume
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "calcified")
@@ -98,7 +100,7 @@ def sample_spec(
     if diameter_mm is None:
         high = {"perifissural": 10.0, "calcified": 12.0}.get(location, 30.0)
         high = min(high, 12.0) if nodule_type == "calcified" else high
-        diameter_mm = float(np.exp(rng.uniform(np.log(MIN_DIAMETER_MM), np.log(high))))
+        diameter_mm = math.exp(rng.uniform(math.log(MIN_DIAMETER_MM), math.log(high)))
     if shape is None:
         shapes = ("round", "lobulated") if diameter_mm < 6 or nodule_type == "calcified" else SHAPES
         shape = str(rng.choice(shapes))
@@ -137,7 +139,7 @@ def _attenuation(rng: np.random.Generator, nodule_type: str) -> tuple[float, flo
 
 def _random_directions(rng: np.random.Generator, count: int) -> npt.NDArray[np.float64]:
     vectors = rng.normal(size=(count, 3))
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / norm(vectors)[:, None]
 
 
 def _lobes(rng: np.random.Generator, shape: str) -> tuple[Lobe, ...]:
@@ -205,7 +207,10 @@ def render(
     steps = np.maximum(np.ceil(np.asarray(grid.spacing) / SUBSAMPLE_MM).astype(int), 1)
     axes = [(np.arange(lo * s, hi * s) + 0.5) / s - 0.5 for lo, hi, s in zip(low, high, steps, strict=True)]
     fine_kji = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    local = ((grid.index_to_patient(fine_kji) - centre_mm) @ spec.rotation_matrix).astype(np.float32)
+    offsets = (grid.index_to_patient(fine_kji) - centre_mm).astype(np.float32)
+    del fine_kji
+    local = matmul(offsets, spec.rotation_matrix.astype(np.float32))
+    del offsets  # the grid is millions of points for a large nodule: keep one copy at a time
     body = _box_average(
         _inside_shape(local, spec.radius_mm, spec.axis_ratios, spec.lobes, spec.spicules), steps
     )
@@ -251,18 +256,27 @@ def _inside_shape(
     lobes: tuple[Lobe, ...],
     spicules: tuple[Spicule, ...],
 ) -> npt.NDArray[np.bool_]:
-    squared = np.einsum("...i,...i->...", local, local)
+    squared = dot(local, local)
     distance = np.sqrt(squared)
     unit = local / np.maximum(distance, 1e-6)[..., None]
-    scaled = ((unit / np.asarray(ratios, dtype=np.float32)) ** 2).sum(axis=-1)
-    ellipsoid_radius = radius_mm / np.sqrt(np.maximum(scaled, 1e-12))
+    stretched = unit / np.asarray(ratios, dtype=np.float32)
+    ellipsoid_radius = radius_mm / np.sqrt(np.maximum(dot(stretched, stretched), 1e-12))
+    del stretched
     bulge = np.ones_like(distance)
     for lobe in lobes:
-        bulge += lobe.amplitude * np.clip(unit @ np.asarray(lobe.direction, dtype=np.float32), 0, None) ** 6
+        bulge += lobe.amplitude * _sixth_power(
+            np.clip(dot(unit, np.asarray(lobe.direction, dtype=np.float32)), 0, None)
+        )
     inside = distance <= ellipsoid_radius * bulge
     for spicule in spicules:
         inside |= _inside_spicule(radius_mm, spicule, local, squared)
     return inside
+
+
+def _sixth_power(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Not `x ** 6`: numpy's power rounds by CPU (models/synthetic/portable.py)."""
+    cubed = x * x * x
+    return cubed * cubed
 
 
 def _inside_spicule(
@@ -272,7 +286,7 @@ def _inside_spicule(
     `squared` is the squared distance of each point from the centre."""
     start = 0.5 * radius_mm
     length = radius_mm * 0.5 + spicule.length_mm
-    along = local @ np.asarray(spicule.direction, dtype=np.float32)
+    along = dot(local, np.asarray(spicule.direction, dtype=np.float32))
     half_width = (spicule.width_mm / 2) * (1 - np.clip((along - start) / length, 0, 1))
     return (along >= start) & (along <= start + length) & (squared - along * along <= half_width * half_width)
 

@@ -11,6 +11,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.synthetic.nodules import NoduleSpec
+from models.synthetic.portable import dot, matmul, norm
 from models.volume import Volume
 
 VESSEL_HU = -350.0
@@ -93,7 +94,7 @@ def _ball(
     box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
     grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=True)], indexing="ij")
     offsets = (np.stack(grids, axis=-1) - centre) * np.asarray(volume.spacing)
-    return box, np.linalg.norm(offsets, axis=-1) <= radius_mm  # type: ignore[return-value]
+    return box, norm(offsets) <= radius_mm  # type: ignore[return-value]
 
 
 def _lung_fraction_and_hu(
@@ -150,8 +151,8 @@ def _propose_juxtapleural(
             break
         point = ahead
     pleura_mm = volume.index_to_patient(point)
-    inward = -(volume.direction @ (step_kji * np.asarray(volume.spacing)))
-    inward /= np.linalg.norm(inward)
+    inward = -matmul(step_kji * np.asarray(volume.spacing), volume.direction.T)
+    inward /= norm(inward)
     centre = pleura_mm + inward * spec.radius_mm * 0.5
     found = _lung_fraction_and_hu(context, centre, spec.radius_mm)
     if found is None or not 0.45 <= found[0] <= 0.9:
@@ -181,7 +182,7 @@ def _propose_juxtavascular(
         return None
     vessel_kji = candidates[rng.integers(len(candidates))] + np.array([s.start for s in box])
     direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
+    direction /= norm(direction)
     centre = volume.index_to_patient(vessel_kji) + direction * (spec.radius_mm + 1.5)
     if not _inside_parenchyma(context, centre, spec.extent_mm + 2.0):
         return None
@@ -199,7 +200,7 @@ def _propose_perifissural(
     ):
         raise PlacementError("perifissural nodules need the fissures, which only synthetic chests provide")
     pick = int(rng.integers(len(context.fissure_points_mm)))
-    normal = context.fissure_normals[pick] / np.linalg.norm(context.fissure_normals[pick])
+    normal = context.fissure_normals[pick] / norm(context.fissure_normals[pick])
     centre = context.fissure_points_mm[pick] + normal * rng.uniform(-0.2, 0.2) * spec.radius_mm
     if not _inside_parenchyma(context, centre, spec.extent_mm + 1.0):
         return None
@@ -211,8 +212,8 @@ def _frame_with_third_axis(
 ) -> npt.NDArray[np.float64]:
     """A rotation whose third column is `axis`: the nodule's third (shortest) axis points along it."""
     helper = rng.normal(size=3)
-    first = helper - (helper @ axis) * axis
-    first /= np.linalg.norm(first)
+    first = helper - dot(helper, axis) * axis
+    first /= norm(first)
     return np.column_stack([first, np.cross(axis, first), axis])
 
 
@@ -220,7 +221,7 @@ def _clear_of_keepouts(
     centre_mm: tuple[float, float, float], spec: NoduleSpec, context: PlacementContext
 ) -> bool:
     return all(
-        np.linalg.norm(np.subtract(centre_mm, k.centre_mm)) >= spec.extent_mm + k.radius_mm + CLEARANCE_MM
+        norm(np.subtract(centre_mm, k.centre_mm)) >= spec.extent_mm + k.radius_mm + CLEARANCE_MM
         for k in context.keepouts
     )
 
