@@ -1614,8 +1614,8 @@ def _split_sides(
         for b in range(a, 3):
             cov[:, a, b] = cov[:, b, a] = np.bincount(owner, q[:, a] * q[:, b], minlength=m)
     normal = principal_axes(cov + 1e-9 * np.eye(3))
-    # Either side may get the smaller share: an eigenvector's sign leans one way (LAPACK's another),
-    # and a lean grows trees of another size.
+    # Either side may get the smaller share: principal_axes' sign leans one way, and with that lean
+    # the trees grew 5 % longer (docs/pipeline.md, "What limits the CPM", item 17).
     normal *= np.where(rng.random(m) < 0.5, -1.0, 1.0)[:, None]
     projection = np.sum(q * normal[owner], axis=1)
     counts = np.bincount(owner, minlength=m)

@@ -8,8 +8,11 @@ geometry decides how its points split, generation after generation), and the nod
 branches on them, so before this module the same seed drew other cases on other machines
 (docs/pipeline.md, "What limits the CPM", item 17). Elementwise arithmetic and numpy's own sums round
 the same everywhere; the functions here are made of them, or of the C library's, which picks one
-implementation on every x86-64 CPU with FMA. tests/test_portable.py draws a case with OpenBLAS and
-numpy held to the oldest x86-64 code and compares it, to the bit, with this machine's.
+implementation on every x86-64 CPU with FMA. numpy's float64 sin, cos, hypot and sqrt, which the
+slice renderer still calls on whole grids, round the same at every SIMD level of numpy 2.4
+(measured); a numpy that vectorised them otherwise would show in tests/test_portable.py, which draws a
+case with OpenBLAS and numpy held to the oldest x86-64 code and compares it, to the bit, with this
+machine's.
 """
 
 from __future__ import annotations
