@@ -141,7 +141,7 @@ def classified(pipeline: Pipeline, work: Volume, candidates: Peaks) -> list[Dete
     points = [np.asarray(work.patient_to_index(point), dtype=np.float64) for _, point in candidates]
     scores = classify(work, points, pipeline)
     return [
-        Detection(tuple(point), nodule_probability(heat, p))  # type: ignore[arg-type]
+        Detection(tuple(point), nodule_probability(heat, p, pipeline.thresholds.detector_weight))  # type: ignore[arg-type]
         for (heat, point), p in zip(candidates, scores, strict=True)
     ]
 

@@ -285,6 +285,19 @@ def _passes(text: str | None) -> tuple[float, ...] | None:
     return passes
 
 
+def _unit_grid(text: str | None, default: tuple[float, ...], option: str) -> list[float]:
+    """A comma-separated list of numbers between 0 and 1 (`default` when not given)."""
+    if text is None:
+        return list(default)
+    try:
+        grid = [float(t) for t in text.split(",")]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from error
+    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
+        raise click.BadParameter("values between 0 and 1", param_hint=option)
+    return grid
+
+
 @main.command()
 @click.option("--device", help="torch device (default: a GPU where there is one, else the CPU).")
 @click.option(
@@ -292,29 +305,29 @@ def _passes(text: str | None) -> tuple[float, ...] | None:
     help="The detector thresholds to try, comma-separated (default: 0.05,0.1,0.2,0.3).",
 )
 @click.option(
+    "--detector-weights",
+    help="The detector's weights in the finding's probability to try, comma-separated "
+    "(default: 0.5,0.6,0.7,0.8,0.9; 0.5 is the plain geometric mean with the classifier's).",
+)
+@click.option(
     "--ship/--no-ship",
     default=True,
     show_default=True,
-    help="Write the chosen thresholds into the shipped detector's metadata.",
+    help="Write the chosen operating point into the shipped detector's metadata.",
 )
-def calibrate(device: str | None, detector_thresholds: str | None, ship: bool) -> None:
-    """Choose the operating point (detector and probability thresholds) on the validation cases."""
+def calibrate(
+    device: str | None, detector_thresholds: str | None, detector_weights: str | None, ship: bool
+) -> None:
+    """Choose the operating point (detector threshold, detector weight, probability threshold) on the
+    validation cases."""
     from models import calibration
     from models.pipeline import WEIGHTS_DIR, Pipeline
 
     started = time.perf_counter()
-    try:
-        grid = (
-            list(calibration.DETECTOR_THRESHOLDS)
-            if detector_thresholds is None
-            else [float(t) for t in detector_thresholds.split(",")]
-        )
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--detector-thresholds") from error
-    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
-        raise click.BadParameter("thresholds between 0 and 1", param_hint="--detector-thresholds")
+    thresholds = _unit_grid(detector_thresholds, calibration.DETECTOR_THRESHOLDS, "--detector-thresholds")
+    weights = _unit_grid(detector_weights, calibration.DETECTOR_WEIGHTS, "--detector-weights")
     pipeline = Pipeline.load(device=device)
-    result = calibration.calibrate(pipeline, grid, progress=_echo_progress(started))
+    result = calibration.calibrate(pipeline, thresholds, weights, progress=_echo_progress(started))
     click.echo(f"model {pipeline.version}")
     click.echo(result.format_table())
     if ship:
@@ -348,6 +361,7 @@ def evaluate(
     output = evaluate_pipeline(pipeline, out_dir, max_cases=max_cases, progress=_echo_progress(started))
     click.echo(
         f"model {pipeline.version}, detector threshold {pipeline.thresholds.detector}, "
+        f"detector weight {pipeline.thresholds.detector_weight}, "
         f"operating point p >= {pipeline.thresholds.probability}"
     )
     click.echo(

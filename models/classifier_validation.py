@@ -51,11 +51,12 @@ class CandidateScan:
     centres_mm: list[tuple[float, float, float]]
     heat: npt.NDArray[np.float64]  # the detector's score of each candidate
     cubes: npt.NDArray[np.float32]  # (N, 1, 32, 32, 32), the classifier's input
+    detector_weight: float  # the pipeline's, in `nodule_probability`
 
 
 def candidate_scan(truth: ScanTruth, volume: Volume, pipeline: Pipeline) -> CandidateScan:
     """The scan's candidates under the pipeline's detector, passes and detector threshold, with their
-    cubes."""
+    cubes and the pipeline's detector weight."""
     work = resample(volume, DETECTION_SPACING_MM)
     lungs = segment_lungs(work)
     candidates = propose(
@@ -67,6 +68,7 @@ def candidate_scan(truth: ScanTruth, volume: Volume, pipeline: Pipeline) -> Cand
         [tuple(work.index_to_patient(p)) for p in points],  # type: ignore[misc]
         np.array([c.score for c in candidates], dtype=np.float64),
         classifier_cubes(work.hu, points) if points else np.zeros((0, 1, *CUBE), np.float32),
+        pipeline.thresholds.detector_weight,
     )
 
 
@@ -107,7 +109,7 @@ def classifier_matches(classifier: nn.Module, scans: list[CandidateScan]) -> lis
         for scan in scans:
             probabilities = classifier_probabilities(classifier, scan.cubes) if len(scan.cubes) else []
             detections = [
-                Detection(centre, nodule_probability(float(heat), float(p)))
+                Detection(centre, nodule_probability(float(heat), float(p), scan.detector_weight))
                 for centre, heat, p in zip(scan.centres_mm, scan.heat, probabilities, strict=True)
             ]
             matches.append(match_scan(scan.truth, detections, CANDIDATE_RULES))

@@ -152,13 +152,14 @@ def analysed_cases(
     sources: Sequence[CaseSource],
     label: str,
     progress: Callable[[str], None] = lambda message: None,
+    min_probability: float = FROC_MIN_PROBABILITY,
 ) -> Iterator[tuple[CaseSource, Case, Analysis]]:
-    """Each case of the data layer with the pipeline's findings down to `FROC_MIN_PROBABILITY`."""
+    """Each case of the data layer with the pipeline's findings down to `min_probability`."""
     backgrounds = Backgrounds()
     for index, source in enumerate(sources, start=1):
         progress(f"{label} case {index}/{len(sources)}: {source.name}")
         case = make_case(source, backgrounds)
-        yield source, case, analyze(case.volume, pipeline, min_probability=FROC_MIN_PROBABILITY)
+        yield source, case, analyze(case.volume, pipeline, min_probability=min_probability)
 
 
 def evaluate_pipeline(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,9 @@ CANDIDATE_SEPARATION_MM = 5.0
 class Thresholds:
     detector: float = 0.2  # on the detector's heatmap: which candidates go on to the classifier
     probability: float = 0.5  # on `nodule_probability`: which findings are reported
+    # The detector's share of `nodule_probability`, chosen with the two thresholds by `cad-node
+    # calibrate`; 0.5, the plain geometric mean, where the weights' metadata names none (up to 0.9.0).
+    detector_weight: float = 0.5
 
 
 @dataclass
@@ -119,14 +122,23 @@ class CandidateRecord:
     fate: Fate
 
 
+class ScoredFinding(NamedTuple):
+    """A segmented candidate's finding with both networks' scores: what another detector threshold
+    or detector weight would have reported (`models.calibration` replays them)."""
+
+    finding: Finding
+    detector: float  # the heatmap's value at the candidate
+    classifier: float
+
+
 @dataclass(frozen=True)
 class Analysis:
     findings: list[Finding]
     candidates: list[CandidateRecord]  # the detector's highest heat first
     seconds: dict[str, float]
-    # The detector's heatmap value at each finding's candidate, in the order of `findings`: what a
-    # higher detector threshold would have kept (`models.calibration` replays it).
-    detector_scores: list[float]
+    # Every candidate that reached the floor and got a mask, duplicates included, the detector's
+    # highest heat first.
+    scored: list[ScoredFinding]
 
 
 def analyze(
@@ -157,13 +169,15 @@ def analyze(
     )
     step("candidate detection")
     scores = classify(work, [c.kji for c in candidates], pipeline)
-    probabilities = [nodule_probability(c.score, s) for c, s in zip(candidates, scores, strict=True)]
+    weight = pipeline.thresholds.detector_weight
+    probabilities = [nodule_probability(c.score, s, weight) for c, s in zip(candidates, scores, strict=True)]
     step("false-positive reduction")
     centres = [
         (float(x), float(y), float(z)) for x, y, z in (work.index_to_patient(c.kji) for c in candidates)
     ]
     fates = [Fate.BELOW_FLOOR] * len(candidates)
-    found: list[tuple[Finding, int]] = []
+    scored: list[ScoredFinding] = []
+    segmented: list[int] = []  # the candidate of each of `scored`
     for index, (centre, probability) in enumerate(zip(centres, probabilities, strict=True)):
         if probability < floor:
             continue
@@ -171,14 +185,16 @@ def analyze(
         if mask is None:
             fates[index] = Fate.NO_MASK
         else:
-            fates[index] = Fate.DUPLICATE  # until `_without_duplicates` keeps it
-            found.append((describe(volume, mask, probability, lungs, work), index))
+            fates[index] = Fate.DUPLICATE  # until `without_duplicates` keeps it
+            finding = describe(volume, mask, probability, lungs, work)
+            scored.append(ScoredFinding(finding, candidates[index].score, scores[index]))
+            segmented.append(index)
     step("segmentation and measurement")
-    kept = _without_duplicates(found)
-    for _, index in kept:
-        fates[index] = Fate.FINDING
+    kept = without_duplicates([s.finding for s in scored])
+    for k in kept:
+        fates[segmented[k]] = Fate.FINDING
     return Analysis(
-        findings=[f for f, _ in kept],
+        findings=[scored[k].finding for k in kept],
         candidates=[
             CandidateRecord(centre, candidate.score, probability, fate)
             for centre, candidate, probability, fate in zip(
@@ -186,7 +202,7 @@ def analyze(
             )
         ],
         seconds=seconds,
-        detector_scores=[candidates[index].score for _, index in kept],
+        scored=scored,
     )
 
 
@@ -298,11 +314,12 @@ def candidate_region(
     return search_region(lungs[box][::2, ::2, ::2], 2 * spacing_mm)
 
 
-def nodule_probability(detector: float, classifier: float) -> float:
-    """What a finding reports: the geometric mean of the two networks' probabilities. The detector
-    judges a point from about 75 mm around it, the classifier from a 32 mm cube: a look-alike
-    convinces one of them more often than both (see docs/pipeline.md for the validation figures)."""
-    return float(np.sqrt(detector * classifier))
+def nodule_probability(detector: float, classifier: float, detector_weight: float = 0.5) -> float:
+    """What a finding reports: the weighted geometric mean of the two networks' probabilities,
+    detector ** w * classifier ** (1 - w). The detector judges a point from about 75 mm around it, the
+    classifier from a 32 mm cube: a look-alike convinces one of them more often than both (see
+    docs/pipeline.md for the validation figures). The shipped pipeline's w is in its `Thresholds`."""
+    return float(detector**detector_weight * classifier ** (1.0 - detector_weight))
 
 
 def classify(work: Volume, candidates: list[npt.NDArray[np.float64]], pipeline: Pipeline) -> list[float]:
@@ -377,14 +394,27 @@ def describe(
     return measure_finding(volume, mask, probability, side, zone)
 
 
-def _without_duplicates(found: list[tuple[Finding, int]]) -> list[tuple[Finding, int]]:
-    """Two candidates on one nodule give two overlapping masks: keep the more probable (with its
-    candidate's index)."""
-    kept: list[tuple[Finding, int]] = []
-    for finding, index in sorted(found, key=lambda pair: pair[0].probability, reverse=True):
+class Measured(Protocol):
+    @property
+    def centre_mm(self) -> Sequence[float]: ...
+
+    @property
+    def probability(self) -> float: ...
+
+    @property
+    def mean_diameter_mm(self) -> float: ...
+
+
+def without_duplicates(findings: Sequence[Measured]) -> list[int]:
+    """Two candidates on one nodule give two overlapping masks: which of `findings` to keep (the more
+    probable of each such pair), the most probable first."""
+    kept: list[int] = []
+    for index in sorted(range(len(findings)), key=lambda i: findings[i].probability, reverse=True):
+        finding = findings[index]
         if all(
-            np.linalg.norm(np.subtract(finding.centre_mm, k.centre_mm)) > max(k.mean_diameter_mm / 2, 3.0)
-            for k, _ in kept
+            np.linalg.norm(np.subtract(finding.centre_mm, findings[k].centre_mm))
+            > max(findings[k].mean_diameter_mm / 2, 3.0)
+            for k in kept
         ):
-            kept.append((finding, index))
+            kept.append(index)
     return kept

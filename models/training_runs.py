@@ -50,7 +50,7 @@ from models.preprocessing import normalise
 from models.training import TrainConfig, TrainResult, plot_stages, train, validation_metric
 from models.training_data import Shard
 
-MODEL_VERSION = "0.9.0"
+MODEL_VERSION = "0.10.0"
 
 
 class PatchSet(Dataset[tuple[Tensor, Tensor]]):

@@ -36,6 +36,7 @@ def test_the_candidates_are_the_shipped_detectors_at_its_threshold(scan: Candida
     assert 1 <= len(scan.centres_mm) <= 40
     assert len(scan.heat) == len(scan.cubes) == len(scan.centres_mm)
     assert scan.heat.min() >= pipeline.thresholds.detector
+    assert scan.detector_weight == pipeline.thresholds.detector_weight
     assert scan.cubes.shape[1:] == (1, 32, 32, 32)
 
 

@@ -67,8 +67,11 @@ def test_analyze_runs_every_stage(case) -> None:
     heats = [c.heat for c in analysis.candidates]
     assert heats == sorted(heats, reverse=True)
     assert sum(c.fate is Fate.FINDING for c in analysis.candidates) == len(analysis.findings)
-    assert len(analysis.detector_scores) == len(analysis.findings)
-    assert all(0.0 <= score <= 1.0 for score in analysis.detector_scores)
+    # every finding is one of the segmented candidates, which also keep the duplicates
+    scored = {id(s.finding): s for s in analysis.scored}
+    assert all(id(f) in scored for f in analysis.findings)
+    assert sum(c.fate in (Fate.FINDING, Fate.DUPLICATE) for c in analysis.candidates) == len(scored)
+    assert all(0.0 <= s.detector <= 1.0 and 0.0 <= s.classifier <= 1.0 for s in analysis.scored)
     for finding in analysis.findings:
         assert finding.long_axis_mm >= finding.short_axis_mm > 0
         assert finding.mask.voxel_count > 0
@@ -96,18 +99,26 @@ def test_min_probability_keeps_the_findings_below_the_operating_point(case) -> N
     assert floor.findings and all(0.0 <= f.probability < 1.0 for f in floor.findings)
 
 
-def test_a_finding_reports_both_networks_probabilities(case) -> None:
-    """A classifier sure of every candidate (p = 1) leaves each finding the square root of its
-    detector score as its probability."""
-    pipeline = untrained(Thresholds(detector=0.0, probability=0.0))
+@pytest.mark.parametrize("weight", [0.5, 0.8])
+def test_a_finding_reports_both_networks_probabilities(case, weight: float) -> None:
+    """A classifier sure of every candidate (p = 1) leaves each finding its detector score to the
+    power of the detector's weight as its probability."""
+    pipeline = untrained(Thresholds(detector=0.0, probability=0.0, detector_weight=weight))
     with torch.no_grad():
         pipeline.classifier.classifier[-1].weight.zero_()
         pipeline.classifier.classifier[-1].bias.fill_(20.0)
     analysis = analyze(case.volume, pipeline)
     assert analysis.findings
-    probabilities = [f.probability for f in analysis.findings]
-    assert probabilities == pytest.approx(np.sqrt(analysis.detector_scores), abs=1e-6)
+    probabilities = [s.finding.probability for s in analysis.scored]
+    assert probabilities == pytest.approx(np.power([s.detector for s in analysis.scored], weight), abs=1e-6)
+    assert [s.classifier for s in analysis.scored] == pytest.approx([1.0] * len(analysis.scored))
+
+
+def test_the_detector_weight_leans_the_probability_to_the_detector() -> None:
     assert nodule_probability(0.25, 1.0) == pytest.approx(0.5)
+    assert nodule_probability(0.9, 0.2, 0.5) == pytest.approx(np.sqrt(0.18))
+    assert nodule_probability(0.9, 0.2, 0.8) == pytest.approx(0.9**0.8 * 0.2**0.2)
+    assert nodule_probability(0.9, 0.2, 1.0) == pytest.approx(0.9)
 
 
 def test_candidate_points_are_peaks_in_the_lungs() -> None:
