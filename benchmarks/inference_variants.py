@@ -6,7 +6,8 @@ segmentation) and is matched by the LUNA16 rules:
 
 - detector: one pass, or the mean heatmap of four (none, and a flip along each axis);
 - classifier: one pass, or the mean probability of eight (every combination of axis flips);
-- probability: the classifier's alone, or `nodule_probability` (with the detector's heat).
+- probability: the classifier's alone, or `nodule_probability` (with the detector's heat, at the
+  shipped detector weight).
 
     .venv/bin/python benchmarks/inference_variants.py [--split validation]
 """
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--split", choices=sorted(SPLITS), default="validation")
     args = parser.parse_args()
     pipeline = Pipeline.load()
+    weight = pipeline.thresholds.detector_weight
     backgrounds = Backgrounds()
     scans: dict[str, list[Scored]] = {"detector x1": [], "detector x4": []}
     sources = split_sources(args.split)
@@ -96,7 +98,7 @@ def main() -> None:
         for passes, probability in itertools.product(("x1", "x8"), ("classifier", "both")):
             for threshold in DETECTOR_THRESHOLDS:
                 matches = [
-                    _matched(truth, centres, detector, classifier, passes, probability, threshold)
+                    _matched(truth, centres, detector, classifier, passes, probability, threshold, weight)
                     for truth, centres, detector, classifier in cases
                 ]
                 report = build_report(matches)
@@ -116,10 +118,12 @@ def _matched(
     passes: str,
     probability: str,
     threshold: float,
+    detector_weight: float,
 ) -> ScanMatch:
     scores = classifier[:, 0] if passes == "x1" else classifier.mean(axis=1)
     if probability == "both":
-        scores = np.array([nodule_probability(d, c) for d, c in zip(detector, scores, strict=True)])
+        pairs = zip(detector, scores, strict=True)
+        scores = np.array([nodule_probability(d, c, detector_weight) for d, c in pairs])
     kept = [
         Detection(centre, float(p))
         for centre, d, p in zip(centres, detector, scores, strict=True)
