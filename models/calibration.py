@@ -145,7 +145,7 @@ def findings_at(scan: ValidationScan, detector: float, detector_weight: float) -
     return [rescored[i] for i in without_duplicates(rescored)]
 
 
-def replay(scans: Sequence[ValidationScan], detector: float, detector_weight: float = 0.5) -> GridPoint:
+def replay(scans: Sequence[ValidationScan], detector: float, detector_weight: float) -> GridPoint:
     """The validation figures with the detector threshold at `detector`, the detector's weight at
     `detector_weight` and the probability threshold chosen for them."""
     matches = [match_scan(s.truth, findings_at(s, detector, detector_weight)) for s in scans]
