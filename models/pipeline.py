@@ -314,7 +314,7 @@ def candidate_region(
     return search_region(lungs[box][::2, ::2, ::2], 2 * spacing_mm)
 
 
-def nodule_probability(detector: float, classifier: float, detector_weight: float = 0.5) -> float:
+def nodule_probability(detector: float, classifier: float, detector_weight: float) -> float:
     """What a finding reports: the weighted geometric mean of the two networks' probabilities,
     detector ** w * classifier ** (1 - w). The detector judges a point from about 75 mm around it, the
     classifier from a 32 mm cube: a look-alike convinces one of them more often than both (see

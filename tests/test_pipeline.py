@@ -115,7 +115,7 @@ def test_a_finding_reports_both_networks_probabilities(case, weight: float) -> N
 
 
 def test_the_detector_weight_leans_the_probability_to_the_detector() -> None:
-    assert nodule_probability(0.25, 1.0) == pytest.approx(0.5)
+    assert nodule_probability(0.25, 1.0, 0.5) == pytest.approx(0.5)
     assert nodule_probability(0.9, 0.2, 0.5) == pytest.approx(np.sqrt(0.18))
     assert nodule_probability(0.9, 0.2, 0.8) == pytest.approx(0.9**0.8 * 0.2**0.2)
     assert nodule_probability(0.9, 0.2, 1.0) == pytest.approx(0.9)
