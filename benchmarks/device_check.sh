@@ -15,8 +15,9 @@
 # layout since 0.8.0: docs/pipeline.md, "What changed in 0.8.0") with a full-resolution stem of
 # STEM channels (default 0; batches of BATCH, default 16) from scratch on the synthetic cases for
 # MINUTES, case building included (models/pretraining.py), and leaves its best.pt, log.jsonl and
-# curves.png in $OUT. Its cosine learning rate spans EPOCHS (default 30; size it from `run`'s step
-# times), which MINUTES or PATIENCE (default 8 epochs without a better validation CPM) may cut short.
+# curves.png in $OUT. Its cosine learning rate spans EPOCHS (default 30) or the epochs that fit in
+# MINUTES, whichever are fewer; PATIENCE (default 8 epochs without a better validation CPM) may cut it
+# short.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

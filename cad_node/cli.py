@@ -197,10 +197,17 @@ def analyze(series_dir: Path, out_dir: Path, device: str | None, extras: str) ->
     "models/pretraining.py); the shipped network stays unless beaten.",
 )
 @click.option(
+    "--minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Time for the whole command, for one network: its stages share it in proportion to their "
+    "work, stop starting epochs that would end past it, and anneal their learning rate over the "
+    "epochs that fit (shards and mining count against it).",
+)
+@click.option(
     "--compare-scratch/--no-compare-scratch",
-    default=True,
-    show_default=True,
-    help="Also train on insertions alone, to measure what synthetic pretraining brings.",
+    default=None,
+    help="Also train on insertions alone, to measure what synthetic pretraining brings "
+    "(default: on, except with --minutes).",
 )
 @click.option(
     "--ship/--no-ship", default=True, show_default=True, help="Copy the best weights into the package."
@@ -221,11 +228,12 @@ def train(
     networks: str,
     pretrain_epochs: int | None,
     finetune_epochs: int | None,
-    compare_scratch: bool,
+    compare_scratch: bool | None,
     ship: bool,
     from_shipped: bool,
     start_from: Path | None,
     detection_passes: str | None,
+    minutes: float | None,
     workers: int | None,
 ) -> None:
     """Train the networks from the project's own data: synthetic pretraining, then fine-tuning on
@@ -239,8 +247,15 @@ def train(
     budget = Budget(
         pretrain_epochs=default.pretrain_epochs if pretrain_epochs is None else pretrain_epochs,
         finetune_epochs=default.finetune_epochs if finetune_epochs is None else finetune_epochs,
+        deadline=None if minutes is None else time.monotonic() + 60 * minutes,
     )
     chosen = [n.strip() for n in networks.split(",")]
+    if minutes is not None and (len(chosen) != 1 or compare_scratch):
+        raise click.BadParameter(
+            "a time budget is shared by one network's stages: name one network in --networks, "
+            "without --compare-scratch",
+            param_hint="--minutes",
+        )
     if start_from is not None and (from_shipped or len(chosen) != 1):
         raise click.BadParameter(
             "a checkpoint is one network's: name it alone in --networks, without --from-shipped",
@@ -254,7 +269,7 @@ def train(
         data_dir,
         chosen,
         budget,
-        compare_scratch=compare_scratch,
+        compare_scratch=minutes is None if compare_scratch is None else compare_scratch,
         ship_weights=ship,
         from_shipped=from_shipped,
         start_from=start_from,

@@ -59,7 +59,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # loader processes that augment batches beside the training
     # time.monotonic() after which no epoch starts that would end past it, judged by the longest one so
-    # far; the first epoch of a call always runs (so that there is a best checkpoint)
+    # far; the first epoch of a call always runs (so that there is a best checkpoint). The cosine then
+    # ends on the last epoch that fits, not on `epochs`, so that a run cut short still anneals.
     deadline: float | None = None
     device: str | None = None  # None: CUDA when available, else CPU
     amp: bool = True  # bfloat16 autocast where the device computes in it natively (native_bfloat16)
@@ -113,12 +114,17 @@ def _loader(data: Data, config: TrainConfig, shuffle: bool, device: torch.device
     )
 
 
-def _lr_at(epoch: int, config: TrainConfig) -> float:
+def _lr_at(epoch: int, last_epoch: int, config: TrainConfig) -> float:
     if config.lr_schedule == "constant":
         return config.lr
-    progress = (epoch - 1) / max(config.epochs - 1, 1)
+    progress = min((epoch - 1) / max(last_epoch - 1, 1), 1.0)
     ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr * ratio
+
+
+def _epochs_that_fit(deadline: float, epoch_seconds: float) -> int:
+    """Epochs of `epoch_seconds` that end before `deadline` (a time.monotonic()) if started now."""
+    return max(int((deadline - time.monotonic()) // max(epoch_seconds, 1e-9)), 0)
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -336,7 +342,7 @@ def train(
     def patience_spent() -> bool:
         return config.patience is not None and stale >= config.patience
 
-    longest_epoch, out_of_time = 0.0, False
+    longest_epoch, out_of_time, last_epoch = 0.0, False, config.epochs
     for epoch in range(len(history) + 1, config.epochs + 1):
         if patience_spent():
             break
@@ -349,7 +355,7 @@ def train(
             break
         start = time.perf_counter()
         seed_everything(config.seed * 100_003 + epoch)  # also fixes the shuffle and worker seeds
-        lr = _lr_at(epoch, config)
+        lr = _lr_at(epoch, last_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _epoch_bar(config, train_loader, epoch) as bar:
@@ -368,8 +374,11 @@ def train(
             "lr": lr,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        history.append(record)
         longest_epoch = max(longest_epoch, record["seconds"])
+        if config.deadline is not None:
+            last_epoch = min(last_epoch, epoch + _epochs_that_fit(config.deadline, longest_epoch))
+            record["planned_epochs"] = last_epoch
+        history.append(record)
         with paths["log.jsonl"].open("a") as log:
             log.write(json.dumps(record) + "\n")
 

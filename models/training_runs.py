@@ -21,6 +21,7 @@ detector pretrained on a GPU, `models.pretraining`), and the shipped network is 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +247,9 @@ RECIPES = {
 
 @dataclass(frozen=True)
 class Budget:
-    """Epochs of each stage (0: the stage is left out); the defaults fit a few hours of a 2-core CPU."""
+    """Epochs of each stage (0: the stage is left out), at most: with a `deadline`, as many as fit. The
+    default epochs take a few hours of a 2-core CPU that computes in bfloat16 (AMX), several times that
+    in float32 (docs/pipeline.md, "Training"); `cad-node train --minutes` fits a run to a time."""
 
     pretrain_epochs: int = 12
     finetune_epochs: int = 8
@@ -255,7 +258,9 @@ class Budget:
     finetune_lr: float = 3e-4
     patience: int = 4
     loader_workers: int = 0  # processes that augment batches beside the training (a GPU wants many)
-    deadline: float | None = None  # see `TrainConfig.deadline`
+    # time.monotonic() by which the stages end, shared among them (`stage_deadline`); see
+    # `TrainConfig.deadline`
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,7 @@ def train_network(
     results = []
     for index, stage in enumerate(stages):
         train_set, val_set = _sets(recipe, stage.shard, validation, seed + index)
+        deadline = stage_deadline(budget.deadline, stages[index:], recipe.images, time.monotonic())
         config = TrainConfig(
             epochs=stage.epochs,
             batch_size=budget.batch_size,
@@ -302,7 +308,7 @@ def train_network(
             patience=budget.patience,
             seed=seed + index,
             num_workers=budget.loader_workers,
-            deadline=budget.deadline,
+            deadline=deadline,
             metadata={"stage": stage.name, **(metadata or {})},
         )
         result = train(
@@ -318,6 +324,16 @@ def train_network(
         model, _ = load_model(result.best_path)
         results.append((stage.name, result))
     return results
+
+
+def stage_deadline(deadline: float | None, stages: list[Stage], images: str, now: float) -> float | None:
+    """The first of `stages`' share of the time left until `deadline`: in proportion to its epochs
+    times its training cubes (`images`, the recipe's), which is what an epoch's time scales with for
+    one network; a stage that ends early leaves its time to the next."""
+    if deadline is None:
+        return None
+    work = [stage.epochs * len(getattr(stage.shard, images)) for stage in stages]
+    return now + (deadline - now) * work[0] / max(sum(work), 1)
 
 
 def checkpoint_start(recipe: NetworkRecipe, checkpoint: Path) -> nn.Module:

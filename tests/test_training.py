@@ -6,6 +6,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,15 @@ from models.networks import (
 )
 from models.training import TrainConfig, _autocast, native_bfloat16, train
 from models.training_data import Shard
-from models.training_runs import RECIPES, Budget, Stage, scan_judges, shipped_start, train_network
+from models.training_runs import (
+    RECIPES,
+    Budget,
+    Stage,
+    scan_judges,
+    shipped_start,
+    stage_deadline,
+    train_network,
+)
 
 NO_AFFINE = AugmentConfig(affine_prob=0.0)
 GEOMETRY_ONLY = AugmentConfig(intensity_scale=(1, 1), intensity_shift=(0, 0), noise_prob=0.0)
@@ -244,6 +253,76 @@ def test_resume_goes_on_as_if_never_interrupted(
         assert {**got, "seconds": 0} == pytest.approx({**want, "seconds": 0}, rel=1e-5)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class _Clock:
+    """Stands in for the `time` module in `models.training`: each epoch takes what the judge says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_deadline_ends_the_cosine_on_the_last_epoch_that_fits(
+    toy_data: tuple[TensorDataset, TensorDataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("models.training.time", clock)
+
+    def epoch_of_100_s(model: torch.nn.Module) -> float:
+        clock.now += 100
+        return 0.5
+
+    small = TensorDataset(*(t[:16] for t in toy_data[0].tensors))
+    config = _config(epochs=50, deadline=clock.now + 350, patience=None, min_lr_ratio=0.05)
+    result = train(
+        _toy_model(),
+        small,
+        small,
+        loss_fn=bce_loss,
+        metric_fn=_accuracy,
+        config=config,
+        out_dir=tmp_path,
+        model_metric=epoch_of_100_s,
+    )
+    # Three epochs of 100 s fit in 350: the learning rate runs the whole cosine over them.
+    assert result.epochs_run == 3 and result.stopped_early
+    assert [h["planned_epochs"] for h in result.history] == [3, 3, 3]
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[1] == pytest.approx(3e-3 * 0.525)
+    assert lrs[2] == pytest.approx(3e-3 * 0.05)
+
+
+def test_stages_share_the_time_left_by_their_work() -> None:
+    def stage(epochs: int, cubes: int) -> Stage:
+        shard = SimpleNamespace(detection_images=np.zeros((cubes, 1, 1, 1), np.int16))
+        return Stage("s", shard, epochs, 1e-3)  # type: ignore[arg-type]
+
+    stages = [stage(3, 10), stage(1, 20)]  # work 30 and 20
+    assert stage_deadline(None, stages, "detection_images", 0.0) is None
+    assert stage_deadline(200.0, stages, "detection_images", 100.0) == pytest.approx(160.0)
+    assert stage_deadline(200.0, stages[1:], "detection_images", 160.0) == pytest.approx(200.0)
+
+
+def test_train_refuses_a_time_budget_for_more_than_one_network_or_with_the_scratch_comparison(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from cad_node.cli import main
+
+    for extra in (["--networks", "detector,classifier"], ["--networks", "detector", "--compare-scratch"]):
+        result = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path), "--minutes", "30", *extra])
+        assert result.exit_code == 2 and "one network" in result.output, result.output
+    for minutes in ("0", "-5", "soon"):
+        result = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path), "--minutes", minutes])
+        assert result.exit_code == 2, result.output
+    assert not any(tmp_path.iterdir())  # no shard built
 
 
 def test_bfloat16_autocast_only_where_the_device_computes_in_it() -> None:
