@@ -117,7 +117,7 @@ def _loader(data: Data, config: TrainConfig, shuffle: bool, device: torch.device
 def _lr_at(epoch: int, last_epoch: int, config: TrainConfig) -> float:
     if config.lr_schedule == "constant":
         return config.lr
-    progress = min((epoch - 1) / max(last_epoch - 1, 1), 1.0)
+    progress = (epoch - 1) / max(last_epoch - 1, 1)
     ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr * ratio
 
@@ -349,7 +349,7 @@ def train(
         if (
             longest_epoch
             and config.deadline is not None
-            and time.monotonic() + longest_epoch > config.deadline
+            and _epochs_that_fit(config.deadline, longest_epoch) == 0
         ):
             out_of_time = True
             break
